@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA devices; CPU under TRITON_INTERPRET=1)."""

@@ -1,0 +1,4 @@
+"""Python faces of dcfast's kernels: one module per op (schema in csrc/ops.cpp)."""
+from dcfast.ops.dc_error import dc_error, dc_error_reference
+
+__all__ = ["dc_error", "dc_error_reference"]
