@@ -1,0 +1,1 @@
+"""Benchmarks behind `dcfast bench ...`: fused engines against the naive loops they replace."""

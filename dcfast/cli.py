@@ -1,0 +1,53 @@
+"""The `dcfast` command line: `dcfast bench dc-scores|fisher`, and the subcommands of the other modules."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+BENCHMARKS = {
+    "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
+    "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
+}
+
+
+def _add_bench(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark a fused engine against its naive loop")
+    bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")
+    bench.add_argument("--quick", action="store_true", help="one small case (seconds on a CPU)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
+    bench.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    module_name, headline = BENCHMARKS[args.target]
+    result = importlib.import_module(module_name).run(quick=args.quick, device=args.device)
+    if args.json:
+        from dcfast.atomic import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    summary = result["summary"]
+    print(" ".join(f"{key}={summary[key]:.4g}" for key in headline.split()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcfast", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_bench(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"dcfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
