@@ -17,6 +17,8 @@ from dcfast.reference import dc_scores_naive
 from dcfast.scores import dc_logits, dc_loss_backward, dc_scores
 
 COLUMNS = ["case", "provider", "median_s", "ratio_vs_naive", "peak_mem_mb", "mem_ratio"]
+SHAPE = (4, 8, 8)  # B images, K concepts, T timesteps: the issue's reference problem
+GRAD_SHAPE = (1, 8, 8)  # K*T = 64 U-Net rows per image for the memory-bounded gradient
 
 
 def sd15_unet(dtype: torch.dtype, device: str):
@@ -34,7 +36,7 @@ def _model(device: str, size: int):
     return tiny_unet(seed=0, sample_size=size), torch.float32, size, 32, 8
 
 
-def _problem(B: int, K: int, T: int, size: int, channels: int, dim: int, tokens: int, dtype, device):
+def make_problem(B: int, K: int, T: int, size: int, channels: int, dim: int, tokens: int, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(B, channels, size, size, generator=g).to(device, dtype)
     cond = torch.randn(K, tokens, dim, generator=g).to(device, dtype)
@@ -72,21 +74,26 @@ def _scores_case(unet, scheduler, problem, label: str, device: str, repeats: int
     return rows
 
 
-def _gradient_memory_case(device: str, size: int, max_batch: int) -> List[Dict]:
-    """Peak memory of the unchunked backward vs the memory-bounded one at K*T = 64 rows per image."""
+def gradient_memory_case(device: str, size: int, shape=None) -> List[Dict]:
+    """Peak memory of the unchunked backward vs the memory-bounded one in chunks of K*T/8 rows.
+
+    `shape` (B, K, T) defaults to GRAD_SHAPE, K*T = 64 U-Net rows per image.
+    """
     unet, _, size, dim, tokens = _model(device, size)
     # float64 on CPU so the equality check sees the algorithm, not fp32 summation order; fp32 on CUDA.
     dtype = torch.float32 if torch.device(device).type == "cuda" else torch.float64
     unet.to(dtype)
     scheduler = tiny_scheduler()
-    x0, cond, noise, timesteps = _problem(1, 8, 8, size, unet.config.in_channels, dim, tokens, dtype, device)
-    labels = torch.zeros(1, dtype=torch.long, device=device)
+    B, K, T = shape or GRAD_SHAPE
+    max_batch = max(1, K * T // 8)
+    x0, cond, noise, timesteps = make_problem(B, K, T, size, unet.config.in_channels, dim, tokens, dtype, device)
+    labels = torch.zeros(B, dtype=torch.long, device=device)
 
     def loss_fn(err):
         return F.cross_entropy(dc_logits(err), labels)
 
     def unchunked():
-        err = dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=64)
+        err = dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=B * K * T)
         loss_fn(err).backward()
         return [p.grad.clone() for p in unet.parameters() if p.grad is not None]
 
@@ -101,7 +108,7 @@ def _gradient_memory_case(device: str, size: int, max_batch: int) -> List[Dict]:
     unet.zero_grad(set_to_none=True)
     flat_ref, flat_got = torch.cat([g.flatten() for g in reference]), torch.cat([g.flatten() for g in got])
     rel = ((flat_got - flat_ref).norm() / flat_ref.norm()).item()
-    label = f"grad K*T=64 chunk={max_batch}"
+    label = f"grad K*T={K * T} chunk={max_batch}"
     return [
         {"case": label, "provider": "unchunked", "peak_mem_mb": full_peak / 2**20, "mem_ratio": 1.0},
         {"case": label, "provider": "memory-bounded", "peak_mem_mb": bounded_peak / 2**20,
@@ -114,20 +121,20 @@ def run(quick: bool = False, device: str = "cpu") -> Dict[str, object]:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     scheduler = tiny_scheduler()
-    B, K, T = 4, 8, 8
+    B, K, T = SHAPE
     sizes = [16] if quick else [16, 32]
     modes = [False] if quick else [False, True]
     repeats = 3 if quick else 5
     rows: List[Dict] = []
     for size in sizes:
         unet, dtype, latent, dim, tokens = _model(device, size)
-        problem = _problem(B, K, T, latent, unet.config.in_channels, dim, tokens, dtype, device)
+        problem = make_problem(B, K, T, latent, unet.config.in_channels, dim, tokens, dtype, device)
         for grad in modes:
             label = f"{latent}x{latent} B={B} K={K} T={T} {'grad' if grad else 'no-grad'}"
             rows += _scores_case(unet, scheduler, problem, label, device, repeats, grad)
         if torch.device(device).type == "cuda":
             break  # one SD 1.5-scale size
-    rows += _gradient_memory_case(device, 16, max_batch=8)
+    rows += gradient_memory_case(device, 16)
 
     headline = rows[1]  # first case, dcfast row: no grad at the smallest size
     print(format_table(rows, COLUMNS + ["max_abs_err", "grad_rel_err"]))

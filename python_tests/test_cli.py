@@ -1,0 +1,46 @@
+"""The `dcfast` command line: parsing, errors, and the bench command's contract."""
+import json
+import re
+
+import pytest
+
+from dcfast.cli import build_parser, main
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "bench" in capsys.readouterr().out
+
+
+def test_unknown_bench_target_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", "nothing"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_dc_scores_quick_prints_headline_and_json(tmp_path, capsys, monkeypatch):
+    # The command's contract on a smaller problem; the reference sizes are for benchmarking, not CI.
+    monkeypatch.setattr("dcfast.bench.dc_scores.SHAPE", (2, 2, 2))
+    monkeypatch.setattr("dcfast.bench.dc_scores.GRAD_SHAPE", (1, 2, 4))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "dc-scores", "--quick", "--json", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    match = re.fullmatch(r"speedup_vs_naive=(\S+) max_abs_err=(\S+)", last)
+    assert match, last
+    assert float(match.group(2)) <= 1e-5
+    data = json.loads(out.read_text())
+    assert {"rows", "summary", "environment"} <= set(data)
+    assert data["summary"]["grad_rel_err"] <= 1e-5
+    assert data["summary"]["grad_peak_mem_ratio"] < 1.0
+
+
+def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    assert main(["bench", "dc-scores", "--quick", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
