@@ -3,10 +3,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
 #include "../checks.h"
 
 namespace dcfast {
 namespace {
+
+// Rows per parallel task: about 32K elements each, so small problems stay on one thread instead of
+// paying an OpenMP region per call.
+int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)); }
 
 at::Tensor dc_error_cpu(const at::Tensor& pred_in, const at::Tensor& noise_in, c10::string_view loss,
                         double huber_delta) {
@@ -22,7 +28,7 @@ at::Tensor dc_error_cpu(const at::Tensor& pred_in, const at::Tensor& noise_in, c
     const scalar_t* n = noise.data_ptr<scalar_t>();
     float* e = err.data_ptr<float>();
     // Row r = (b*K + k)*T + t of pred pairs with row b*T + t of noise.
-    at::parallel_for(0, B * K * T, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * K * T, grain_rows(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / (K * T), t = r % T;
         const scalar_t* pr = p + r * D;
@@ -54,7 +60,7 @@ at::Tensor dc_error_backward_cpu(const at::Tensor& grad_err_in, const at::Tensor
     const scalar_t* n = noise.data_ptr<scalar_t>();
     const float* g = grad_err.data_ptr<float>();
     scalar_t* out = grad_pred.data_ptr<scalar_t>();
-    at::parallel_for(0, B * K * T, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * K * T, grain_rows(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / (K * T), t = r % T;
         const scalar_t* pr = p + r * D;

@@ -50,6 +50,7 @@ def _check(pred: torch.Tensor, noise: torch.Tensor, loss: str, huber_delta: floa
         raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
 
 
+@torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; fixed once dcfast is imported
 def _uses_op(device: torch.device) -> bool:
     return _backend.has_kernel(OP, "CPU" if device.type == "cpu" else "CUDA")
 
@@ -63,7 +64,8 @@ def dc_error(pred: torch.Tensor, noise: torch.Tensor, loss: str = "l2", huber_de
     _check(pred, noise, loss, huber_delta)
     if _uses_op(pred.device):
         return torch.ops.dcfast.dc_error(pred, noise, loss, float(huber_delta))
-    _backend.warn_if_reference_only()
+    if not torch.compiler.is_compiling():  # warnings.warn would break a fullgraph trace
+        _backend.warn_if_reference_only()
     return dc_error_reference(pred, noise, loss, huber_delta)
 
 
