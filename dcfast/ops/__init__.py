@@ -1,4 +1,5 @@
 """Python faces of dcfast's kernels: one module per op (schema in csrc/ops.cpp)."""
 from dcfast.ops.dc_error import dc_error, dc_error_reference
+from dcfast.ops.fisher import fisher_accumulate_, fisher_accumulate_reference
 
-__all__ = ["dc_error", "dc_error_reference"]
+__all__ = ["dc_error", "dc_error_reference", "fisher_accumulate_", "fisher_accumulate_reference"]
