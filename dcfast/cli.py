@@ -6,6 +6,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from dcfast import cli_eval, cli_train
+
 BENCHMARKS = {
     "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcfast", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench(subparsers)
+    cli_train.add_parser(subparsers)
+    cli_eval.add_parser(subparsers)
     return parser
 
 

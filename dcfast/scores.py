@@ -180,7 +180,8 @@ def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Op
 
     def run(chunk: int) -> torch.Tensor:
         preds = [_unet_rows(unet, inputs, cond, b, k, j) for b, k, j in _row_batches(B, K, T, chunk, device)]
-        pred = torch.cat(preds).view(B, K, T, -1)
+        # Under autocast the U-Net returns bf16/fp16 while the noise is fp32: compare in the noise's dtype.
+        pred = torch.cat(preds).view(B, K, T, -1).to(inputs.noise.dtype)
         return dc_error(pred, inputs.noise.reshape(B, T, -1), loss, huber_delta)
 
     return _with_oom_retry(run, _resolve_max_batch(max_batch, B * K * T, device), max_batch is not None)
@@ -236,7 +237,7 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
     chunk = _resolve_max_batch(max_batch, B * K * T, x0.device)
     with torch.enable_grad():
         for b, k, j in _row_batches(B, K, T, chunk, x0.device):
-            pred = _unet_rows(unet, inputs, cond_leaf, b, k, j)
+            pred = _unet_rows(unet, inputs, cond_leaf, b, k, j).to(noise_rows.dtype)
             rows = pred.shape[0]
             chunk_err = dc_error(pred.view(1, 1, rows, -1), noise_rows[b * T + j].view(1, rows, -1), loss, huber_delta)
             chunk_err.backward(grad_err[b, k, j].view(1, 1, rows))

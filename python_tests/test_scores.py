@@ -76,6 +76,16 @@ def test_default_timesteps_and_generator_reproducible(unet, scheduler):
     assert (first - naive).abs().max() <= 1e-5
 
 
+def test_engine_under_autocast_compares_in_the_noise_dtype(unet, scheduler):
+    x0, cond, timesteps, noise = _problem(seed=5)
+    with torch.no_grad():
+        exact = dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
+    assert mixed.dtype == torch.float32
+    assert (mixed - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
 def _ce_loss(err):
     labels = torch.arange(err.shape[0]) % err.shape[1]
     return F.cross_entropy(dcfast.dc_logits(err, temperature=0.1), labels)

@@ -1,0 +1,223 @@
+"""TrainConfig: every hyperparameter of `dcfast.train`, loaded from YAML with CLI-flag overrides.
+
+Defaults carry their reason. Greek letters refer to DESIGN.md section 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from dcfast.data import DEFAULT_PROMPT_TEMPLATE, Concept, check_image_folder
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DC_LOSSES = ("l2", "l1", "huber")
+
+
+@dataclass
+class TaskConfig:
+    """One concept: `images` folder, `class_word`, optional prompt template and held-out `eval_images`."""
+
+    images: str
+    class_word: str
+    prompt: str = DEFAULT_PROMPT_TEMPLATE
+    eval_images: Optional[str] = None
+
+    def concept(self) -> Concept:
+        return Concept(Path(self.images), self.class_word, self.prompt,
+                       Path(self.eval_images) if self.eval_images else None)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a continual-personalization run. Steps, batch size and rates are per task."""
+
+    pretrained_model_name_or_path: str = ""  # local diffusers dir (unet/, text_encoder/, tokenizer/, scheduler/, [vae/])
+    output_dir: str = "runs/dcfast"
+    method: str = "ewc-dc"  # lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora
+    tasks: List[TaskConfig] = field(default_factory=list)
+
+    # Prompts. c_i = tasks[i].prompt with {token}=<v_i>; c_0 = class_prompt (the pretrained concept).
+    token_template: str = "<v{index}>"
+    class_prompt: str = "a photo of a {class_word}"  # DESIGN's c_0 example, "a photo of a dog"
+
+    # LoRA. Rank 4 on the attention projections is diffusers' LoRA default; alpha = rank (scale 1)
+    # keeps B·A the actual weight change, which the C-LoRA penalty and exports assume.
+    rank: int = 4
+    lora_alpha: Optional[int] = None  # None: = rank
+    target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+    # Optimisation (diffusers' train_dreambooth_lora names and defaults, lr lowered for continual use).
+    learning_rate: float = 1e-4  # LoRA learning rate
+    token_learning_rate: float = 5e-3  # the modifier token learns a 768-dim vector from few photos: faster
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_train_steps: int = 200  # optimizer steps per task
+    train_batch_size: int = 2  # images per process per micro-step
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; LoRA weights and optimizer stay fp32)
+    seed: int = 0
+    resolution: Optional[int] = None  # None: the model's (U-Net sample size x VAE downsampling)
+
+    # DC scores (EWC-DC, DSC). Random (t, eps) pairs during training, as DESIGN 1 specifies.
+    num_dc_timesteps: int = 4  # T pairs per image per step: 4 keeps a step ~k*T U-Net rows per image
+    num_dc_concepts: int = 4  # k: c_n, c_0 and up to k-2 earlier concepts; 4 bounds cost as tasks grow
+    temperature: float = 1.0  # tau: DC errors are O(1) per pixel, so tau = 1 gives non-degenerate softmaxes
+    dc_loss: str = "l2"  # the DC error's per-pixel loss, as the denoising loss
+    dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: engine default)
+
+    # EWC / EWC-DC. The Fisher is a sum over the task's images of per-sample squared gradients.
+    ewc_lambda: float = 1e3  # lambda: penalty weight; Fisher sums over images are small for LoRA weights
+    gamma: float = 0.9  # online Fisher decay F <- gamma F + F_n (Schwarz et al.'s online EWC)
+    delta: float = 0.1  # EWC-DC's DC-term weight: a tenth of the denoising loss keeps it a regulariser
+    fisher_num_timesteps: int = 4  # (t, eps) pairs per image for the Fisher, evenly strided t
+    fisher_batch_size: int = 4  # images per Fisher backward pass (a sample's rows never split)
+
+    # DSC (function-space consolidation after each task from the second on).
+    dsc_alpha: float = 1.0  # alpha: weight of the two DC-score KL terms
+    dsc_beta: float = 1.0  # beta: weight of the two noise-prediction terms
+    dsc_iterations: int = 50  # M: distillation steps per task (a quarter of the default task steps)
+    dsc_learning_rate: Optional[float] = None  # None: = learning_rate
+
+    # C-LoRA.
+    clora_lambda: float = 1e-3  # lambda of ||W_past (.) (B_n A_n)||^2: entries are products of small weights
+
+    # Runs.
+    checkpointing_steps: int = 50  # mid-task checkpoint (LoRA, token, optimizer, RNG) every N steps
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint directory
+    report_to: Optional[str] = None  # "tensorboard" to log scalars under output_dir/logs
+
+    def resolved_lora_alpha(self) -> int:
+        return self.rank if self.lora_alpha is None else self.lora_alpha
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (a YAML file); unknown keys raise, naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        values = dict(values)
+        values["tasks"] = [_task(i, t) for i, t in enumerate(values.get("tasks") or [])]
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: file {str(path)!r} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def override(self, **flags: Any) -> "TrainConfig":
+        """A copy with every flag that is not None replacing the file's value (CLI overrides)."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def validate(self) -> None:
+        """Check everything before training; one ValueError listing each problem with its field and fix."""
+        found = _problems(self)
+        if found:
+            raise ValueError("invalid training config:\n" + "\n".join(f"  - {p}" for p in found))
+
+
+def _task(index: int, value: Any) -> TaskConfig:
+    if isinstance(value, TaskConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"tasks[{index}]: expected a mapping like {{images: photos/dog, class_word: dog}}, got {value!r}")
+    known = {f.name for f in dataclasses.fields(TaskConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"tasks[{index}]: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    missing = [k for k in ("images", "class_word") if not value.get(k)]
+    if missing:
+        raise ValueError(f"tasks[{index}]: missing {', '.join(missing)}; each task needs images: <folder> and class_word: <word>")
+    return TaskConfig(**{k: (str(v) if v is not None else None) for k, v in value.items()})
+
+
+def _problems(config: TrainConfig) -> List[str]:
+    """Every problem of `config` as 'field: what is wrong; the fix'."""
+    from dcfast.methods import get_method  # local import: the registry imports the training stack
+    from dcfast.models import check_model_dir
+    from dcfast.runs import finished_tasks
+
+    found: List[str] = []
+
+    def check(field_name: str, run) -> None:
+        try:
+            run()
+        except ValueError as error:
+            message = str(error)
+            found.append(message if message.startswith(field_name) else f"{field_name}: {message}")
+
+    if not config.pretrained_model_name_or_path:
+        found.append("pretrained_model_name_or_path: not set; give a local diffusers model directory")
+    else:
+        check("pretrained_model_name_or_path", lambda: check_model_dir(config.pretrained_model_name_or_path))
+    check("method", lambda: get_method(config.method))
+    if not config.output_dir:
+        found.append("output_dir: not set; give a directory for the run's outputs")
+    if not config.tasks:
+        found.append("tasks: no tasks; add at least one {images: <folder>, class_word: <word>}")
+    for i, task in enumerate(config.tasks):
+        check(f"tasks[{i}].images", lambda: check_image_folder(task.images, f"tasks[{i}].images"))
+        if task.eval_images:
+            check(f"tasks[{i}].eval_images", lambda: check_image_folder(task.eval_images, f"tasks[{i}].eval_images"))
+        if not task.class_word.strip():
+            found.append(f"tasks[{i}].class_word: empty; give the concept's class word, e.g. dog")
+        if "{token}" not in task.prompt:
+            found.append(f"tasks[{i}].prompt: {task.prompt!r} has no {{token}} placeholder; e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
+    if "{index}" not in config.token_template:
+        found.append(f"token_template: {config.token_template!r} has no {{index}} placeholder; e.g. '<v{{index}}>'")
+    if "{class_word}" not in config.class_prompt:
+        found.append(f"class_prompt: {config.class_prompt!r} has no {{class_word}} placeholder; e.g. 'a photo of a {{class_word}}'")
+
+    at_least = {"max_train_steps": 0, "train_batch_size": 1, "gradient_accumulation_steps": 1, "rank": 1,
+                "lr_warmup_steps": 0, "num_dc_timesteps": 1, "num_dc_concepts": 2, "fisher_num_timesteps": 1,
+                "fisher_batch_size": 1, "dsc_iterations": 0, "checkpointing_steps": 1}
+    for name, low in at_least.items():
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            found.append(f"{name}: must be an integer >= {low}, got {value!r}")
+    positive = ["learning_rate", "token_learning_rate", "temperature"] + (["dsc_learning_rate"] if config.dsc_learning_rate is not None else [])
+    for name in positive:
+        if not _number(getattr(config, name)) or getattr(config, name) <= 0:
+            found.append(f"{name}: must be a number > 0, got {getattr(config, name)!r}")
+    for name in ("ewc_lambda", "delta", "dsc_alpha", "dsc_beta", "clora_lambda", "max_grad_norm", "adam_weight_decay"):
+        if not _number(getattr(config, name)) or getattr(config, name) < 0:
+            found.append(f"{name}: must be a number >= 0, got {getattr(config, name)!r}")
+    if not _number(config.gamma) or not 0 <= config.gamma <= 1:
+        found.append(f"gamma: the Fisher decay must lie in [0, 1], got {config.gamma!r}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        found.append(f"mixed_precision: {config.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+    if config.dc_loss not in DC_LOSSES:
+        found.append(f"dc_loss: {config.dc_loss!r} is not one of {', '.join(DC_LOSSES)}")
+    if config.report_to not in (None, "tensorboard"):
+        found.append(f"report_to: {config.report_to!r} is not supported; use tensorboard or leave it unset")
+    elif config.report_to and importlib.util.find_spec("tensorboard") is None:
+        found.append("report_to: tensorboard is not installed; pip install tensorboard, or leave report_to unset")
+    resume = config.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        found.append(f"resume_from_checkpoint: {resume!r} is neither 'latest' nor an existing checkpoint directory")
+    if resume is None and config.output_dir and finished_tasks(config.output_dir):
+        found.append(f"output_dir: {config.output_dir!r} already holds finished tasks; pass "
+                     f"--resume_from_checkpoint latest to continue that run, or choose a new output_dir")
+    return found
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

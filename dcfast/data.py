@@ -1,0 +1,79 @@
+"""Concept data: a folder of photos, a class word and a prompt template.
+
+Images are loaded once per task, resized (shorter side) and center-cropped to the model's resolution,
+and normalised to [-1, 1] as Stable Diffusion's VAE expects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_PROMPT_TEMPLATE = "a photo of {token} {class_word}"
+
+
+@dataclass
+class Concept:
+    """One task's concept: `images` folder, `class_word` ("dog") and a prompt template."""
+
+    images: Path
+    class_word: str
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    eval_images: Optional[Path] = None
+
+    def prompt(self, token: str) -> str:
+        """The task prompt c_i, e.g. "a photo of <v1> dog"."""
+        return self.prompt_template.format(token=token, class_word=self.class_word)
+
+
+def find_images(folder: Union[str, Path], field: str = "images") -> List[Path]:
+    """Sorted image files of `folder`; ValueError naming `field` and the folder when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{field}: image folder {str(folder)!r} does not exist; create it or fix the path")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{field}: folder {str(folder)!r} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                         f"add the concept's photos there")
+    return files
+
+
+def open_image(path: Path, field: str = "images") -> Image.Image:
+    """Decode the whole file to RGB; ValueError naming the file when it is unreadable or truncated."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte: truncated files fail here, not later in training
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{field}: cannot read image {str(path)!r} ({error}); the file is unreadable or "
+                         f"truncated: replace or remove it") from error
+
+
+def check_image_folder(folder: Union[str, Path], field: str = "images") -> List[Path]:
+    """Validate a concept folder: it exists, holds images, and every image decodes completely."""
+    files = find_images(folder, field)
+    for path in files:
+        open_image(path, field)
+    return files
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, center-crop, scale to [-1, 1]; (3, R, R) float32."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_images(folder: Union[str, Path], resolution: int, field: str = "images") -> torch.Tensor:
+    """All images of a concept folder as an (N, 3, R, R) tensor in [-1, 1], in sorted file order."""
+    return torch.stack([to_tensor(open_image(p, field), resolution) for p in find_images(folder, field)])

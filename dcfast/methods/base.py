@@ -1,0 +1,115 @@
+"""The method interface: what the trainer calls, and the models and task data it hands over.
+
+The trainer owns the loop (optimizer, accumulation, checkpoints); a method owns its loss and its
+consolidation between tasks:
+
+    method.begin_task(task)            before task n's first step
+    loss, logs = method.loss(x0)       every micro-step, on a batch of the task's latents
+    metrics = method.end_task(task)    after the last step (the token is already frozen): Fisher, DSC
+    method.state_dict() / load_state_dict(state)   what a resume at a task boundary needs
+    method.export_lora()               the LoRA to write as task n's pytorch_lora_weights.safetensors
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Tuple
+
+import torch
+
+from dcfast.adapters import lora_parameters, lora_state
+from dcfast.objectives import denoise_loss
+from dcfast.tokens import ModifierToken, encode_prompts
+
+
+@dataclass
+class Models:
+    """The frozen base model with its LoRA adapter, as every method sees it."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    accelerator: object
+    token: Optional[ModifierToken] = None  # the current task's trainable token
+
+    def encode(self, prompts: List[str]) -> torch.Tensor:
+        """(K, L, D) conditions; gradients reach the current token's embedding where it occurs."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+    def lora(self) -> Dict[str, torch.nn.Parameter]:
+        return lora_parameters(self.unet)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def average_gradients(self, params: List[torch.nn.Parameter]) -> None:
+        """All-reduce (mean) the gradients of `params` over processes, in one flat buffer.
+
+        The U-Net is not wrapped in DDP: the DC engine and the Fisher hooks need the bare module.
+        """
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = piece.view_as(p).clone()
+
+
+@dataclass
+class TaskData:
+    """Task n as the methods see it: images in model space, prompts, and this task's generators."""
+
+    index: int  # n, 1-based
+    latents: torch.Tensor  # (N, C, h, w): every image of the task (VAE latents, or pixels without a VAE)
+    prompt: str  # c_n, e.g. "a photo of <v2> mug"
+    class_prompt: str  # c_0, e.g. "a photo of a mug"
+    past_prompts: List[str] = field(default_factory=list)  # c_1 .. c_{n-1}
+    generator: torch.Generator = None  # this process's stream: batches, noise, timesteps
+    shared_generator: torch.Generator = None  # identical on every process: subsets S, DSC teacher draws
+    seed: int = 0  # base seed of per-image Fisher noise (same on every process)
+
+
+class Method:
+    """Sequential LoRA's behaviour; subclasses add penalties and consolidation."""
+
+    name: ClassVar[str] = ""
+    random_token_init: ClassVar[bool] = False  # C-LoRA: modifier tokens start random
+
+    def __init__(self, config, models: Models):
+        self.config, self.models = config, models
+        self.task: Optional[TaskData] = None
+
+    def begin_task(self, task: TaskData) -> None:
+        self.task = task
+
+    def denoise(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_denoise on this batch under c_n."""
+        cond = self.models.encode([self.task.prompt])[0]
+        return denoise_loss(self.models.unet, self.models.noise_scheduler, x0, cond, self.task.generator)
+
+    def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        loss = self.denoise(x0)
+        return loss, {"denoise": loss.item()}
+
+    def end_task(self, task: TaskData) -> Dict[str, float]:
+        return {}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)[:3]}")
+
+    def fisher_state(self) -> Dict[str, torch.Tensor]:
+        """What task_{n}/fisher.safetensors holds (empty for methods without a Fisher)."""
+        return {}
+
+    def export_lora(self) -> Tuple[Dict[str, torch.Tensor], int, int]:
+        """(LoRA tensors by U-Net parameter name, rank, alpha) of the model after this task."""
+        return lora_state(self.models.unet), self.config.rank, self.config.resolved_lora_alpha()

@@ -1,0 +1,139 @@
+"""The run directory: its layout, atomic writers, and reading a finished run back.
+
+    output_dir/
+      run.json                          resolved config and the task list (tokens, prompts)
+      task_{i}/                         i = 1..n, written when task i is consolidated
+        pytorch_lora_weights.safetensors    diffusers format: pipe.load_lora_weights(task_dir)
+        learned_embeds.safetensors          {"<v_i>": (D,)}: pipe.load_textual_inversion(task_dir, token=...)
+        fisher.safetensors                  the method's Fisher state (empty for methods without one)
+        trainer_state.safetensors           everything a resume needs at this task boundary
+        config.json                         the resolved config
+        metrics.json                        per-task metrics; written last, so it marks the task finished
+      checkpoints/task_{i}-step_{s}/    mid-task checkpoints (see dcfast.checkpoint)
+
+Every file is written through dcfast.atomic (a temporary file in the same folder, fsync, os.replace),
+so a killed run never leaves a half-written file; `save_tensors` and `write_json` are those writers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from dcfast.atomic import save_safetensors_atomic as save_tensors  # noqa: F401  (the run's writers)
+from dcfast.atomic import write_json_atomic as write_json  # noqa: F401
+
+PathLike = Union[str, Path]
+RUN_FILE = "run.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDS_FILE = "learned_embeds.safetensors"
+FISHER_FILE = "fisher.safetensors"
+STATE_FILE = "trainer_state.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"  # written last: its presence marks a finished task
+
+
+def task_dir(output_dir: PathLike, index: int) -> Path:
+    return Path(output_dir) / f"task_{index}"
+
+
+def checkpoints_dir(output_dir: PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def read_json(path: PathLike) -> Any:
+    """Parse a JSON file; FileNotFoundError / ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing run file {str(path)!r}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"corrupt run file {str(path)!r}: {error}") from error
+
+
+def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a safetensors file; FileNotFoundError / ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing run file {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged headers/data
+        raise ValueError(f"corrupt run file {str(path)!r}: {error}") from error
+
+
+def finished_tasks(output_dir: PathLike) -> List[int]:
+    """Indices i of task_{i} folders holding metrics.json (finished tasks), sorted."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    done = []
+    for child in root.glob("task_*"):
+        suffix = child.name[len("task_"):]
+        if suffix.isdigit() and (child / METRICS_FILE).is_file():
+            done.append(int(suffix))
+    return sorted(done)
+
+
+@dataclass
+class TaskRecord:
+    """One task of a run, as the evaluation needs it."""
+
+    index: int  # 1-based
+    token: str  # "<v1>"
+    class_word: str
+    prompt: str  # c_i, e.g. "a photo of <v1> dog"
+    class_prompt: str  # c_0 for this class, e.g. "a photo of a dog"
+    images: Path
+    eval_images: Optional[Path]
+    finished: bool
+
+
+def read_run(run_dir: PathLike) -> List[TaskRecord]:
+    """The run's task list (from run.json), each marked finished or not."""
+    run = read_json(Path(run_dir) / RUN_FILE)
+    done = set(finished_tasks(run_dir))
+    try:
+        return [TaskRecord(index=t["index"], token=t["token"], class_word=t["class_word"], prompt=t["prompt"],
+                           class_prompt=t["class_prompt"], images=Path(t["images"]),
+                           eval_images=Path(t["eval_images"]) if t.get("eval_images") else None,
+                           finished=t["index"] in done) for t in run["tasks"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"corrupt run file {str(Path(run_dir) / RUN_FILE)!r}: missing {error}") from error
+
+
+def load_pipeline(run_dir: PathLike, task_index: int, device: str = "cpu"):
+    """The base model with task `task_index`'s LoRA and every modifier token learned up to that task.
+
+    Raises FileNotFoundError / ValueError naming the file when a task output is missing or corrupt.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / RUN_FILE)
+    tasks = read_run(run_dir)
+    if not 1 <= task_index <= len(tasks):
+        raise ValueError(f"task_index must be in [1, {len(tasks)}] for run {str(run_dir)!r}, got {task_index}")
+    folder = task_dir(run_dir, task_index)
+    if not (folder / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"task {task_index} of run {str(run_dir)!r} is not finished: missing {str(folder / METRICS_FILE)!r}")
+    load_tensors(folder / LORA_FILE)  # a clear error for a missing or damaged file before diffusers sees it
+    embeds = {t.index: load_tensors(task_dir(run_dir, t.index) / EMBEDS_FILE) for t in tasks[:task_index]}
+    base = run["config"]["pretrained_model_name_or_path"]
+    if not (Path(base) / "vae").is_dir():
+        raise ValueError(f"load_pipeline: base model {base!r} has no vae/; StableDiffusionPipeline needs one")
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+    for task in tasks[:task_index]:
+        if task.token not in embeds[task.index] or len(embeds[task.index]) != 1:
+            raise ValueError(f"corrupt run file {str(task_dir(run_dir, task.index) / EMBEDS_FILE)!r}: "
+                             f"expected one tensor named {task.token!r}, got {sorted(embeds[task.index])}")
+        pipe.load_textual_inversion(embeds[task.index], token=task.token)
+    return pipe.to(device)

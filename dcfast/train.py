@@ -1,0 +1,310 @@
+"""`dcfast.train(config)`: continual personalization, one task after another, through accelerate.
+
+Reads like a diffusers training example: load -> freeze -> add adapter -> (per task) token, data,
+optimizer -> accelerator.prepare -> the loop -> consolidation -> outputs. The method (dcfast.methods)
+supplies the loss and the between-task consolidation; everything else lives here.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from dcfast import checkpoint as ckpt
+from dcfast.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
+from dcfast.config import TrainConfig
+from dcfast.data import load_images
+from dcfast.methods import Method, Models, TaskData, get_method
+from dcfast.models import Components, load_components
+from dcfast.runs import (CONFIG_FILE, EMBEDS_FILE, FISHER_FILE, LORA_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
+                         finished_tasks, load_tensors, read_json, save_tensors, task_dir, write_json)
+from dcfast.tokens import ModifierToken, add_token, class_word_embedding, random_embedding, set_embedding
+
+logger = get_logger(__name__)
+StepCallback = Callable[[int, int, Models], None]
+# Config fields a resumed run may change; every other field must match the run being continued.
+RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "report_to", "checkpointing_steps"}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its folder, one output folder and metrics dict per task, the live method."""
+
+    output_dir: Path
+    task_dirs: List[Path] = field(default_factory=list)
+    metrics: List[Dict[str, float]] = field(default_factory=list)
+    method: Optional[Method] = None
+
+
+def _generator(seed: int, task: int, stream: int) -> torch.Generator:
+    """A CPU generator per (seed, task, stream): stream 0 is shared by all processes, 1 + rank is local."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task * 10_007 + stream)
+
+
+def _cpu_only() -> bool:
+    """No GPU-like device: tell accelerate, so that several processes (torchrun) use gloo on the CPU."""
+    api = getattr(torch, "accelerator", None)
+    return api.current_accelerator() is None if api is not None else not torch.cuda.is_available()
+
+
+def _task_plan(config: TrainConfig) -> List[Dict[str, Optional[str]]]:
+    """Tokens and prompts of every task (what run.json records and read_run returns)."""
+    plan = []
+    for i, task in enumerate(config.tasks, start=1):
+        token = config.token_template.format(index=i)
+        plan.append({"index": i, "token": token, "class_word": task.class_word,
+                     "prompt": task.prompt.format(token=token, class_word=task.class_word),
+                     "class_prompt": config.class_prompt.format(class_word=task.class_word),
+                     "images": str(task.images), "eval_images": task.eval_images})
+    return plan
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    run_file = Path(config.output_dir) / RUN_FILE
+    if not run_file.is_file():
+        return
+    previous = read_json(run_file)["config"]
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    if changed:
+        raise ValueError(f"resume_from_checkpoint: {str(run_file)!r} was trained with different "
+                         f"{', '.join(changed)}; resume with the same config or choose a new output_dir")
+
+
+def _encode_images(components: Components, images: torch.Tensor) -> torch.Tensor:
+    """Model-space x0: VAE latents (distribution mode x scaling factor), or the pixels without a VAE."""
+    if components.vae is None:
+        return images
+    with torch.no_grad():
+        latents = components.vae.encode(images).latent_dist.mode()
+    return latents * components.vae.config.scaling_factor
+
+
+def _restore_finished(models: Models, method: Method, output_dir: str, plan: List[Dict], done: int) -> None:
+    """Bring the model to the end of task `done`: every learned token, the LoRA, the method state."""
+    for task in plan[:done]:
+        token_id = add_token(models.tokenizer, models.text_encoder, task["token"])
+        set_embedding(models.text_encoder, token_id, load_tensors(task_dir(output_dir, task["index"]) / EMBEDS_FILE)[task["token"]])
+    if done:
+        state = load_tensors(task_dir(output_dir, done) / STATE_FILE)
+        load_lora_state(models.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+
+
+def _write_task_outputs(config: TrainConfig, method: Method, models: Models, task: Dict, embedding: torch.Tensor,
+                        metrics: Dict[str, float]) -> Path:
+    """task_{i}/: LoRA (diffusers), token embedding, Fisher, resume state, config; metrics.json last."""
+    folder = task_dir(config.output_dir, task["index"])
+    lora, rank, alpha = method.export_lora()
+    tensors, metadata = diffusers_lora_file(lora, rank, alpha, config.target_modules)
+    save_tensors(folder / LORA_FILE, tensors, metadata=metadata)
+    save_tensors(folder / EMBEDS_FILE, {task["token"]: embedding.float()})
+    save_tensors(folder / FISHER_FILE, method.fisher_state())
+    state = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
+    state.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    save_tensors(folder / STATE_FILE, state)
+    write_json(folder / CONFIG_FILE, config.to_dict())
+    write_json(folder / METRICS_FILE, metrics)
+    return folder
+
+
+def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> TrainResult:
+    """Train every task of `config` in order; returns the run's outputs. See TrainConfig for fields.
+
+    `step_callback(task_index, step, models)` runs after each optimizer step (progress hooks, tests).
+    """
+    config.validate()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
+                              project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
+    torch.manual_seed(config.seed)
+
+    # 1. Load the base model from a local diffusers directory, and freeze all of it.
+    components = load_components(config.pretrained_model_name_or_path)
+    if components.vae is None and components.unet.config.in_channels != 3:
+        raise ValueError(f"pretrained_model_name_or_path: {config.pretrained_model_name_or_path!r} has no vae/, so it "
+                         f"must work on RGB pixels, but its U-Net takes {components.unet.config.in_channels} channels; "
+                         f"add the model's vae/ folder")
+    for module in (components.unet, components.text_encoder, components.vae):
+        if module is not None:
+            module.requires_grad_(False)
+
+    # 2. Add the LoRA adapter: the only trainable U-Net weights (plus each task's modifier token).
+    add_lora(components.unet, config.rank, config.resolved_lora_alpha(), config.target_modules, config.seed)
+    device = accelerator.device
+    for module in (components.unet, components.text_encoder, components.vae):
+        if module is not None:
+            module.to(device)
+    models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,
+                    accelerator)
+    method = get_method(config.method)(config, models)
+    plan = _task_plan(config)
+    resolution = config.resolution or components.resolution
+
+    # 3. Resume: finished tasks are restored, not redone; a mid-task checkpoint continues its task.
+    done, checkpoint = 0, None
+    if config.resume_from_checkpoint:
+        _check_resumable(config)
+        done = len(finished_tasks(config.output_dir))
+        _restore_finished(models, method, config.output_dir, plan, done)
+        path = (ckpt.latest_checkpoint(config.output_dir) if config.resume_from_checkpoint == "latest"
+                else Path(config.resume_from_checkpoint))
+        checkpoint = ckpt.load_checkpoint(path) if path is not None else None
+        if checkpoint is not None and checkpoint.task != done + 1:
+            checkpoint = None  # a stale checkpoint of a task whose outputs are already written
+    if accelerator.is_main_process:
+        write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": plan})
+    if config.report_to:
+        accelerator.init_trackers("dcfast", config={k: v for k, v in config.to_dict().items()
+                                                    if isinstance(v, (int, float, str, bool))})
+
+    # 4. Run summary.
+    lora_count = sum(p.numel() for p in models.lora().values())
+    logger.info(f"***** dcfast.train: method={config.method} *****")
+    logger.info(f"  tasks = {len(plan)} (resuming after {done}, checkpoint: {checkpoint.path if checkpoint else None})")
+    logger.info(f"  steps per task = {config.max_train_steps}, batch per process = {config.train_batch_size}, "
+                f"gradient accumulation = {config.gradient_accumulation_steps}, processes = {accelerator.num_processes}")
+    logger.info(f"  LoRA rank {config.rank} on {config.target_modules}: {lora_count} parameters; "
+                f"mixed precision = {config.mixed_precision}; resolution = {resolution}")
+
+    result = TrainResult(Path(config.output_dir), method=method)
+    for task in plan[:done]:
+        result.task_dirs.append(task_dir(config.output_dir, task["index"]))
+        result.metrics.append(read_json(task_dir(config.output_dir, task["index"]) / METRICS_FILE))
+    for task in plan[done:]:
+        metrics = _train_task(config, components, models, method, plan, task, resolution, checkpoint, step_callback)
+        checkpoint = None
+        result.task_dirs.append(task_dir(config.output_dir, task["index"]))
+        result.metrics.append(metrics)
+    for tracker in accelerator.trackers:  # not end_training(): it would destroy the process group,
+        tracker.finish()                  # and train() may run again in this process (notebooks, tests)
+    return result
+
+
+def _train_task(config: TrainConfig, components: Components, models: Models, method: Method, plan: List[Dict],
+                task: Dict, resolution: int, checkpoint: Optional[ckpt.Checkpoint],
+                step_callback: Optional[StepCallback]) -> Dict[str, float]:
+    accelerator, n = models.accelerator, task["index"]
+    started = time.time()
+
+    # a. The task's modifier token <v_n>: from the class word's embedding (C-LoRA: random).
+    token_id = add_token(models.tokenizer, models.text_encoder, task["token"])
+    init = (random_embedding(models.text_encoder, _generator(config.seed, n, 999_983)) if method.random_token_init
+            else class_word_embedding(models.tokenizer, models.text_encoder, task["class_word"]))
+    models.token = ModifierToken(models.text_encoder, task["token"], token_id, init)
+
+    # b. The task's images, in model space once (the VAE is frozen).
+    images = load_images(task["images"], resolution, field=f"tasks[{n - 1}].images").to(accelerator.device)
+    latents = _encode_images(components, images)
+    generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
+                  "shared": _generator(config.seed, n, 0)}
+    data = TaskData(index=n, latents=latents, prompt=task["prompt"], class_prompt=task["class_prompt"],
+                    past_prompts=[t["prompt"] for t in plan[:n - 1]], generator=generators["local"],
+                    shared_generator=generators["shared"], seed=config.seed * 1009 + n)
+    method.begin_task(data)
+
+    # c. Optimizer over the LoRA and the token (no weight decay on the token), LR schedule, prepare.
+    lora = list(models.lora().values())
+    params = lora + [models.token.param]
+    optimizer = torch.optim.AdamW(
+        [{"params": lora, "lr": config.learning_rate},
+         {"params": [models.token.param], "lr": config.token_learning_rate, "weight_decay": 0.0}],
+        betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max(config.max_train_steps, 1))
+    optimizer = accelerator.prepare(optimizer)  # the U-Net stays bare: gradients are averaged explicitly
+
+    # d. Continue a killed run from its mid-task checkpoint: weights, optimizer, schedule, RNG.
+    first_step, losses = 0, []
+    if checkpoint is not None:
+        load_lora_state(models.unet, checkpoint.prefixed("lora."))
+        with torch.no_grad():
+            models.token.param.copy_(checkpoint.tensors["token"])
+        ckpt.restore_optimizer(optimizer, checkpoint)
+        lr_scheduler.load_state_dict(checkpoint.meta["lr_scheduler"])
+        generators["shared"].set_state(checkpoint.tensors["rng.shared"])
+        local = f"rng.local.{accelerator.process_index}"
+        if local not in checkpoint.tensors:
+            raise ValueError(f"resume_from_checkpoint: {str(checkpoint.path)!r} was written by fewer processes than "
+                             f"the {accelerator.num_processes} running now; resume with the same number of processes")
+        generators["local"].set_state(checkpoint.tensors[local])
+        first_step, losses = checkpoint.step, ckpt.losses_from(checkpoint)
+
+    # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
+    progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
+                    desc=f"task {n}/{len(plan)} ({config.method})", disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_loss = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
+            with accelerator.autocast():
+                loss, logs = method.loss(latents[batch.to(latents.device)])
+            value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            if not torch.isfinite(torch.tensor(value)):
+                last = ckpt.latest_checkpoint(config.output_dir)
+                raise FloatingPointError(
+                    f"loss became {value} at task {n} step {step + 1} (method {config.method}, parts {logs}); "
+                    f"stopped without saving. Last good checkpoint: {str(last) if last else 'none'} "
+                    f"(resume with --resume_from_checkpoint latest after lowering learning_rate)")
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+            step_loss += value / config.gradient_accumulation_steps
+        models.average_gradients(params)
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({f"task_{n}/loss": step_loss, **{f"task_{n}/{k}": v for k, v in logs.items()}},
+                        step=(n - 1) * config.max_train_steps + step + 1)
+        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, n, step + 1, losses)
+        if step_callback is not None:
+            step_callback(n, step + 1, models)
+    progress.close()
+
+    # f. Freeze the token, consolidate (Fisher, DSC), write task_{n}/ (metrics.json last).
+    embedding = models.token.freeze()
+    models.token = None
+    with accelerator.autocast():
+        consolidation = method.end_task(data)
+    metrics = {"task": n, "steps": config.max_train_steps, "final_loss": losses[-1] if losses else float("nan"),
+               "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
+               "seconds": time.time() - started, **consolidation}
+    if accelerator.is_main_process:
+        _write_task_outputs(config, method, models, task, embedding, metrics)
+        ckpt.remove_checkpoints(config.output_dir)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],
+                     task: int, step: int, losses: List[float]) -> None:
+    """Every process's RNG goes to the main process, which writes the checkpoint."""
+    accelerator = models.accelerator
+    local_states = accelerator.gather(generators["local"].get_state().unsqueeze(0))
+    if accelerator.is_main_process:
+        tensors = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
+        tensors["token"] = models.token.param.detach()
+        tensors.update({f"rng.local.{r}": s for r, s in enumerate(local_states)})
+        tensors["rng.shared"] = generators["shared"].get_state()
+        ckpt.save_checkpoint(config.output_dir, task, step, tensors, optimizer,
+                             {"lr_scheduler": lr_scheduler.state_dict(), "losses": losses})
+    accelerator.wait_for_everyone()
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `dcfast.train(config)` work even when `dcfast.train` resolves to this module."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

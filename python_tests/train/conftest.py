@@ -1,0 +1,62 @@
+"""Fixtures of the trainer tests: a tiny model saved to disk, concept folders of coloured shapes, configs.
+
+Everything is tiny (16x16 images, 8x8 latents, 2-4 steps) and single-threaded: on a loaded 2-core
+machine two OpenMP threads per process made a tiny U-Net step ~100x slower.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dcfast.config import TrainConfig
+from dcfast.models import tiny
+
+COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny(seed=0).save_pretrained(path)
+    return path
+
+
+def make_concept(folder: Path, colour, count: int = 3, size=(20, 18)) -> Path:
+    """`count` PNGs of a coloured ellipse at shifting positions on white."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", size, (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((2 + i, 2, 12 + i, 14 - i), fill=colour)
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def concepts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    return {word: make_concept(root / word, colour) for word, colour in COLOURS.items()}
+
+
+@pytest.fixture
+def make_config(model_dir, concepts, tmp_path):
+    """make_config(method, words=("dog", "mug"), **fields) -> a tiny, fast TrainConfig."""
+
+    def build(method: str = "lora", words=("dog", "mug"), **fields) -> TrainConfig:
+        values = dict(pretrained_model_name_or_path=str(model_dir), output_dir=str(tmp_path / "run"), method=method,
+                      tasks=[{"images": str(concepts[w]), "class_word": w} for w in words],
+                      max_train_steps=2, train_batch_size=2, checkpointing_steps=100, num_dc_timesteps=2,
+                      num_dc_concepts=3, fisher_num_timesteps=2, fisher_batch_size=2, dsc_iterations=2,
+                      learning_rate=1e-3)
+        values.update(fields)
+        return TrainConfig.from_dict(values)
+
+    return build

@@ -1,0 +1,48 @@
+"""`dcfast train --config run.yaml` with flag overrides, and its error exit."""
+import yaml
+
+from dcfast.cli import main
+from dcfast.runs import finished_tasks, read_json, task_dir
+
+
+def test_dcfast_train_from_yaml(tmp_path, model_dir, concepts, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "pretrained_model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "run"), "method": "ewc-dc",
+        "tasks": [{"images": str(concepts["dog"]), "class_word": "dog"}, {"images": str(concepts["mug"]), "class_word": "mug"}],
+        "max_train_steps": 200, "num_dc_timesteps": 1, "fisher_num_timesteps": 1}))
+    code = main(["train", "--config", str(path), "--max_train_steps", "2", "--train_batch_size", "1",
+                 "--gradient_accumulation_steps", "2", "--rank", "2", "--seed", "3"])
+    assert code == 0
+    assert finished_tasks(tmp_path / "run") == [1, 2]
+    saved = read_json(task_dir(tmp_path / "run", 2) / "config.json")
+    assert (saved["max_train_steps"], saved["rank"], saved["seed"], saved["gradient_accumulation_steps"]) == (2, 2, 3, 2)
+    assert "task_2: final_loss=" in capsys.readouterr().out
+
+
+def test_dcfast_train_bad_config_exits_2(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"pretrained_model_name_or_path": str(tmp_path / "none"), "method": "nope",
+                                    "tasks": [{"images": str(tmp_path / "missing"), "class_word": "dog"}]}))
+    assert main(["train", "--config", str(path), "--max_train_steps", "-1"]) == 2
+    err = capsys.readouterr().err
+    for field in ("pretrained_model_name_or_path:", "method: unknown method 'nope'", "tasks[0].images:", "max_train_steps:"):
+        assert field in err
+
+
+def test_bf16_mixed_precision_in_a_fresh_process(tmp_path, model_dir, concepts):
+    """accelerate fixes mixed precision per process, so this run gets its own interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "pretrained_model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "run"), "method": "dsc+ewc-dc",
+        "tasks": [{"images": str(concepts["dog"]), "class_word": "dog"}, {"images": str(concepts["mug"]), "class_word": "mug"}],
+        "max_train_steps": 1, "num_dc_timesteps": 1, "fisher_num_timesteps": 1, "dsc_iterations": 1}))
+    done = subprocess.run([sys.executable, "-m", "dcfast.cli", "train", "--config", str(path), "--mixed_precision", "bf16"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert finished_tasks(tmp_path / "run") == [1, 2]
+    assert read_json(task_dir(tmp_path / "run", 2) / "config.json")["mixed_precision"] == "bf16"

@@ -1,0 +1,46 @@
+"""dcfast.models: the tiny SD-layout pipeline, saving it, and loading a local diffusers directory."""
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dcfast.models import load_components, tiny
+
+
+def test_tiny_tokenizer_knows_prompt_words_and_added_tokens():
+    tokenizer = tiny().tokenizer
+    assert tokenizer.tokenize("a photo of my dog") == ["a</w>", "photo</w>", "of</w>", "my</w>", "dog</w>"]
+    tokenizer.add_tokens("<v1>")
+    assert tokenizer.tokenize("a photo of <v1> dog") == ["a</w>", "photo</w>", "of</w>", "<v1>", "dog</w>"]
+    assert tokenizer.model_max_length == 77
+
+
+def test_saved_tiny_loads_through_both_paths_and_generates(model_dir):
+    components = load_components(model_dir)
+    assert components.vae is not None and components.resolution == 16
+    assert type(components.noise_scheduler).__name__ == "DDPMScheduler"
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    image = pipe("a photo of a dog", num_inference_steps=1, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (16, 16, 3)
+
+
+def test_model_without_vae_is_pixel_space(model_dir, tmp_path):
+    shutil.copytree(model_dir, tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "vae")
+    components = load_components(tmp_path / "m")
+    assert components.vae is None and components.resolution == components.unet.config.sample_size
+
+
+@pytest.mark.parametrize("missing", ["unet", "tokenizer"])
+def test_missing_subfolder_is_named(model_dir, tmp_path, missing):
+    shutil.copytree(model_dir, tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / missing)
+    with pytest.raises(ValueError, match=f"no {missing}/ subfolder"):
+        load_components(tmp_path / "m")
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        load_components(tmp_path / "nowhere")
