@@ -7,14 +7,21 @@ from dcfast.scores import dc_logits, dc_loss_backward, dc_scores
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    """`dcfast.train(config)` without importing the training stack (diffusers, peft) at `import dcfast`."""
-    if name == "train":
-        from dcfast.train import train
+# The training and evaluation stacks (diffusers, peft, transformers) load on first use, not at import.
+_LAZY = {"train": ("dcfast.trainer", "train"), "evaluate": ("dcfast.evaluation", "evaluate")}
 
-        globals()["train"] = train
-        return train
+
+def __getattr__(name: str):
+    """`dcfast.train(config)` and `dcfast.evaluate(run_dir)` without importing their stacks up front."""
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'dcfast' has no attribute {name!r}")
 
 
-__all__ = ["FisherAccumulator", "backend_info", "dc_logits", "dc_loss_backward", "dc_scores", "ops", "train"]
+__all__ = ["FisherAccumulator", "backend_info", "dc_logits", "dc_loss_backward", "dc_scores", "evaluate", "ops",
+           "train"]

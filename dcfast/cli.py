@@ -1,4 +1,4 @@
-"""The `dcfast` command line: `dcfast bench dc-scores|fisher`, and the subcommands of the other modules."""
+"""The `dcfast` command line: `dcfast bench dc-scores|fisher|train`, `dcfast train`, `dcfast eval`."""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +6,12 @@ import importlib
 import sys
 from typing import List, Optional
 
-from dcfast import cli_eval, cli_train
+from dcfast import cli_demo, cli_eval, cli_train
 
 BENCHMARKS = {
     "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
+    "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
 }
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     cli_train.add_parser(subparsers)
     cli_eval.add_parser(subparsers)
+    cli_demo.add_parser(subparsers)
     return parser
 
 

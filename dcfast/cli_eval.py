@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _evaluate_and_report(run_dir: str, args) -> dict:
-    from dcfast.evaluate import EvalConfig, evaluate
+    from dcfast.evaluation import EvalConfig, evaluate
     from dcfast.report import write_report
 
     config = EvalConfig(num_images=args.num_images, num_inference_steps=args.num_inference_steps,

@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, train, and print where each task's outputs went."""
-    from dcfast.train import train
+    from dcfast.trainer import train
 
     result = train(config_from_args(args))
     for folder, metrics in zip(result.task_dirs, result.metrics):

@@ -77,3 +77,16 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 def load_images(folder: Union[str, Path], resolution: int, field: str = "images") -> torch.Tensor:
     """All images of a concept folder as an (N, 3, R, R) tensor in [-1, 1], in sorted file order."""
     return torch.stack([to_tensor(open_image(p, field), resolution) for p in find_images(folder, field)])
+
+
+def write_shape_images(folder: Union[str, Path], colour, count: int = 3, size=(20, 18)) -> Path:
+    """`count` PNGs of a `colour` (RGB) ellipse at shifting positions on white: a synthetic concept."""
+    from PIL import ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", size, (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((2 + i, 2, 12 + i, 14 - i), fill=colour)
+        image.save(folder / f"{i}.png")
+    return folder

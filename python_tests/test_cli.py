@@ -44,3 +44,14 @@ def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
         pytest.skip("a GPU is present: --device cuda is valid here")
     assert main(["bench", "dc-scores", "--quick", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch):
+    from dcfast.methods import METHODS
+
+    monkeypatch.setattr("dcfast.bench.train.METHODS", {name: METHODS[name] for name in ("lora", "ewc-dc")})
+    assert main(["bench", "train", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "ewc-dc" in out
+    match = re.search(r"^max_step_ratio_vs_lora=(\S+)$", out, re.M)
+    assert match and float(match.group(1)) >= 1.0  # lora's own ratio is 1, the max can't be lower

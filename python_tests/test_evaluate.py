@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcfast import runs as real_runs
-from dcfast.evaluate import EvalConfig, candidate_prompts, evaluate, evaluate_task, load_image_folder
+from dcfast.evaluation import EvalConfig, candidate_prompts, evaluate, evaluate_task, load_image_folder
 
 
 def _toy_runs():

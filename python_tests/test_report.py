@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dcfast.cli import main as dcfast_main
-from dcfast.evaluate import EvalConfig, evaluate
+from dcfast.evaluation import EvalConfig, evaluate
 from dcfast.report import compare, load_metrics, write_report
 
 

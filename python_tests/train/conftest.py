@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from dcfast.config import TrainConfig
+from dcfast.data import write_shape_images
 from dcfast.models import tiny
 
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
@@ -30,20 +30,10 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_concept(folder: Path, colour, count: int = 3, size=(20, 18)) -> Path:
-    """`count` PNGs of a coloured ellipse at shifting positions on white."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image = Image.new("RGB", size, (255, 255, 255))
-        ImageDraw.Draw(image).ellipse((2 + i, 2, 12 + i, 14 - i), fill=colour)
-        image.save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def concepts(tmp_path_factory):
     root = tmp_path_factory.mktemp("concepts")
-    return {word: make_concept(root / word, colour) for word, colour in COLOURS.items()}
+    return {word: write_shape_images(root / word, colour) for word, colour in COLOURS.items()}
 
 
 @pytest.fixture

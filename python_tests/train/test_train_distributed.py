@@ -11,7 +11,7 @@ import sys
 import torch
 
 from dcfast.runs import load_tensors, task_dir
-from dcfast.train import train
+from dcfast.trainer import train
 
 WORKER = '''
 import json, sys, torch
@@ -20,7 +20,7 @@ from accelerate import PartialState
 from dcfast.adapters import lora_state
 from dcfast.config import TrainConfig
 from dcfast.runs import save_tensors
-from dcfast.train import train
+from dcfast.trainer import train
 
 for name, values in json.loads(open(sys.argv[1]).read()).items():
     result = train(TrainConfig.from_dict(values))

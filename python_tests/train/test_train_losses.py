@@ -11,7 +11,7 @@ from dcfast.methods import Models, TaskData, get_method
 from dcfast.models import tiny
 from dcfast.objectives import fisher_pairs
 from dcfast.runs import load_tensors, task_dir
-from dcfast.train import train
+from dcfast.trainer import train
 
 
 def _method(name, **fields):

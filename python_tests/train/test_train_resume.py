@@ -4,7 +4,7 @@ import torch
 
 from dcfast.checkpoint import latest_checkpoint
 from dcfast.runs import finished_tasks, load_tensors, read_json, task_dir
-from dcfast.train import train
+from dcfast.trainer import train
 
 
 class Killed(Exception):

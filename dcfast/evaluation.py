@@ -18,9 +18,7 @@ import importlib
 import json
 import math
 import os
-import sys
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -294,13 +292,3 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
                       accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},
                       samples=samples, real_samples=real_samples)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `dcfast.evaluate(run_dir, ...)` work even when `dcfast.evaluate` resolves to this module."""
-
-    def __call__(self, *args, **kwargs) -> EvalResult:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -6,9 +6,7 @@ supplies the loss and the between-task consolidation; everything else lives here
 """
 from __future__ import annotations
 
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -298,13 +296,3 @@ def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_schedule
         ckpt.save_checkpoint(config.output_dir, task, step, tensors, optimizer,
                              {"lr_scheduler": lr_scheduler.state_dict(), "losses": losses})
     accelerator.wait_for_everyone()
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `dcfast.train(config)` work even when `dcfast.train` resolves to this module."""
-
-    def __call__(self, *args, **kwargs) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
