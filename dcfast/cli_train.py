@@ -30,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for name, kind, text in OVERRIDES:
         parser.add_argument(f"--{name}", type=kind, default=None, help=text)
     parser.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=None, help="autocast precision")
+    parser.add_argument("--eval_every_task", action="store_true", default=None,
+                        help="evaluate each task state right after training it (task_{i}/eval.json)")
     parser.set_defaults(handler=run)
     return parser
 
@@ -37,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config file (if any) with every given flag applied."""
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    names = [name for name, _, _ in OVERRIDES] + ["mixed_precision"]
+    names = [name for name, _, _ in OVERRIDES] + ["mixed_precision", "eval_every_task"]
     return config.override(**{name: getattr(args, name) for name in names})
 
 

@@ -95,6 +95,8 @@ class TrainConfig:
     checkpointing_steps: int = 50  # mid-task checkpoint (LoRA, token, optimizer, RNG) every N steps
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint directory
     report_to: Optional[str] = None  # "tensorboard" to log scalars under output_dir/logs
+    eval_every_task: bool = False  # evaluate every task state right after it is written (task_{i}/eval.json)
+    eval_num_images: int = 4  # generated images per concept for that evaluation's MMD (>= 2)
 
     def resolved_lora_alpha(self) -> int:
         return self.rank if self.lora_alpha is None else self.lora_alpha
@@ -206,6 +208,8 @@ def _problems(config: TrainConfig) -> List[str]:
         found.append(f"mixed_precision: {config.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
     if config.dc_loss not in DC_LOSSES:
         found.append(f"dc_loss: {config.dc_loss!r} is not one of {', '.join(DC_LOSSES)}")
+    if config.eval_every_task and config.eval_num_images < 2:
+        found.append(f"eval_num_images: must be >= 2 (unbiased MMD needs two samples), got {config.eval_num_images}")
     if config.report_to not in (None, "tensorboard"):
         found.append(f"report_to: {config.report_to!r} is not supported; use tensorboard or leave it unset")
     elif config.report_to and importlib.util.find_spec("tensorboard") is None:

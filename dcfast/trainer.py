@@ -30,7 +30,8 @@ from dcfast.tokens import ModifierToken, add_token, class_word_embedding, random
 logger = get_logger(__name__)
 StepCallback = Callable[[int, int, Models], None]
 # Config fields a resumed run may change; every other field must match the run being continued.
-RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "report_to", "checkpointing_steps"}
+RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "report_to", "checkpointing_steps", "eval_every_task",
+                     "eval_num_images"}
 
 
 @dataclass
@@ -279,8 +280,19 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     if accelerator.is_main_process:
         _write_task_outputs(config, method, models, task, embedding, metrics)
         ckpt.remove_checkpoints(config.output_dir)
+        if config.eval_every_task:
+            _evaluate_task(config, n, accelerator.device)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
+    """Accuracy and MMD of every seen concept under the state just written, into task_{n}/eval.json."""
+    from dcfast.evaluation import EvalConfig, evaluate_task
+
+    logger.info(f"  evaluating task state {n} ({config.eval_num_images} images per concept)")
+    column = evaluate_task(config.output_dir, n, config=EvalConfig(num_images=config.eval_num_images, device=str(device)))
+    write_json(task_dir(config.output_dir, n) / "eval.json", column.to_dict())
 
 
 def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],

@@ -88,3 +88,13 @@ def test_finished_run_is_not_silently_overwritten(make_config):
     dcfast.train(config)
     with pytest.raises(ValueError, match="already holds finished tasks; pass --resume_from_checkpoint latest"):
         dcfast.train(config)
+
+
+def test_eval_every_task_writes_each_state_column(make_config):
+    config = make_config("lora", eval_every_task=True, eval_num_images=2)
+    result = dcfast.train(config)
+    for index, folder in enumerate(result.task_dirs, start=1):
+        column = json.loads((folder / "eval.json").read_text())
+        assert column["task_index"] == index
+        assert len(column["accuracy"]) == index and len(column["mmd"]) == index  # every seen concept
+        assert all(0.0 <= a <= 1.0 for a in column["accuracy"])
