@@ -1,7 +1,4 @@
 """dcfast.classify: adaptive candidate elimination against exhaustive DC scoring."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,28 +7,9 @@ from dcfast.classify import check_stages, classify, classify_exhaustive
 from dcfast.models import tiny_scheduler
 from dcfast.scores import dc_scores, default_timesteps
 
+import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 
-def _toy_runs():
-    name = "dcfast_test_toy_runs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("toy_runs.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-toy_runs = _toy_runs()
 COLOURS = torch.tensor([toy_runs.RED, toy_runs.BLUE, toy_runs.GREEN, toy_runs.GREY])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine (no OpenMP oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,40 +1,20 @@
 """dcfast.evaluate on fake run directories: accuracy beats chance, forgetting shows in BwT, clear errors."""
-import importlib.util
 import math
 import os
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from dcfast import runs as real_runs
 from dcfast.evaluation import EvalConfig, candidate_prompts, evaluate, evaluate_task, load_image_folder
 
+import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 
-def _toy_runs():
-    name = "dcfast_test_toy_runs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("toy_runs.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-toy_runs = _toy_runs()
 # guidance 1: the toy denoiser is exact, and guidance would push its samples past the colour range
 FAST = EvalConfig(num_images=4, num_inference_steps=4, guidance_scale=1.0, stages=((4, 2), (8, 1)), progress=False)
 
 
-@pytest.fixture(autouse=True)
-def fake_runs(monkeypatch):
-    """Single-threaded (shared 2-core CI) and `dcfast.runs` replaced by the toy-layout reader."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setitem(sys.modules, "dcfast.runs", toy_runs.fake_runs_module())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fake_runs")
 
 
 def test_accuracy_matrix_beats_chance(tmp_path):

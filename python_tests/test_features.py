@@ -1,6 +1,5 @@
 """dcfast.features: the deterministic default extractor and CLIP loading from local directories."""
 import json
-import os
 
 import pytest
 import torch

@@ -59,16 +59,6 @@ def naive(model, losses_fn, samples, params=None):
     return fisher_naive(model, lambda i: losses_fn(model, *(s[i:i + 1] for s in samples)).sum(), n, params)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and on shared cores spinning OpenMP threads
-    slow these tests tenfold (the op's threaded paths are tested in ops/test_fisher_op.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return lora_unet()

@@ -1,39 +1,18 @@
 """dcfast.report and `dcfast eval`: every output file exists and parses; comparisons across runs."""
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from dcfast.cli import main as dcfast_main
 from dcfast.evaluation import EvalConfig, evaluate
 from dcfast.report import compare, load_metrics, write_report
 
+import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 
-def _toy_runs():
-    name = "dcfast_test_toy_runs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("toy_runs.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-toy_runs = _toy_runs()
-
-
-@pytest.fixture(autouse=True)
-def fake_runs(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setitem(sys.modules, "dcfast.runs", toy_runs.fake_runs_module())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fake_runs")
 
 
 def _check_outputs(eval_dir: Path, num_tasks: int) -> dict:

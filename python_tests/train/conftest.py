@@ -6,21 +6,12 @@ machine two OpenMP threads per process made a tiny U-Net step ~100x slower.
 from pathlib import Path
 
 import pytest
-import torch
 
 from dcfast.config import TrainConfig
 from dcfast.data import write_shape_images
 from dcfast.models import tiny
 
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
