@@ -1,4 +1,4 @@
-"""The `dcfast` command line: `dcfast bench dc-scores|fisher|train`, `dcfast train`, `dcfast eval`."""
+"""The `dcfast` command line: `dcfast demo`, `dcfast train`, `dcfast eval`, `dcfast bench ...`."""
 from __future__ import annotations
 
 import argparse
@@ -8,31 +8,37 @@ from typing import List, Optional
 
 from dcfast import cli_demo, cli_eval, cli_train
 
+# target -> (module with run(quick=, device=, ...), the summary keys of its closing line)
 BENCHMARKS = {
     "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
     "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
+    "methods": ("dcfast.bench.methods", ""),  # its closing lines are the table and where it was written
 }
 
 
 def _add_bench(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmark a fused engine against its naive loop")
+    bench = subparsers.add_parser("bench", help="benchmark a fused engine against its naive loop, or the methods")
     bench.add_argument("target", choices=sorted(BENCHMARKS), help="what to benchmark")
-    bench.add_argument("--quick", action="store_true", help="one small case (seconds on a CPU)")
+    bench.add_argument("--quick", action="store_true", help="one small case (seconds to a minute on a CPU)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
+    bench.add_argument("--seeds", type=int, default=3, help="methods only: seeds per method (default: 3)")
+    bench.add_argument("--output_dir", default="dcfast-bench-methods",
+                       help="methods only: where runs, methods.md/json and methods.png go")
     bench.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
-    result = importlib.import_module(module_name).run(quick=args.quick, device=args.device)
+    extra = {"seeds": args.seeds, "output_dir": args.output_dir} if args.target == "methods" else {}
+    result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
-    summary = result["summary"]
-    print(" ".join(f"{key}={summary[key]:.4g}" for key in headline.split()))
+    if headline:
+        print(" ".join(f"{key}={result['summary'][key]:.4g}" for key in headline.split()))
     return 0
 
 

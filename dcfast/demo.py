@@ -1,0 +1,148 @@
+"""`dcfast demo`: continual personalization end to end on a CPU, with nothing to download.
+
+1. Write the demo concepts (photos from scikit-image, `dcfast.demo_data`) at the base model's resolution.
+2. Train every task in order with `dcfast.train` on the tiny base model shipped in the package
+   (`dcfast/assets/tiny-base`, made by scripts/pretrain_tiny_base.py).
+3. Evaluate every task state (`dcfast.evaluate`: accuracy and MMD matrices, AMMD, BwT) and write the
+   report (`dcfast.report`); with several methods, also the comparison table and plot.
+
+Demo-sized training settings (DEMO_TRAIN) replace a few TrainConfig defaults that are sized for real
+models; each carries its reason. Everything else is TrainConfig's default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+BASE_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-base"
+DEFAULT_METHOD = "ewc-dc"
+
+# TrainConfig values for the demo (the rest keep their defaults).
+DEMO_TRAIN = {
+    # Few steps per task on a CPU: a LoRA at lr 1e-4 barely moves in 100 steps; 1e-3 is the usual
+    # LoRA rate for short DreamBooth runs and stays stable here (rank 4, grad-norm clipping at 1).
+    "learning_rate": 1e-3,
+    # No mid-task checkpoints: a demo task takes seconds, resuming it would save nothing.
+    "checkpointing_steps": 10**9,
+}
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `dcfast demo` (and of `dcfast bench methods`, which repeats it over seeds)."""
+
+    output_dir: str = "dcfast-demo"
+    methods: Sequence[str] = (DEFAULT_METHOD,)
+    num_tasks: int = 3  # concepts learned in sequence: cat, cup, rocket, (horse, person, motorcycle)
+    max_train_steps: int = 100  # per task; 3 tasks of ewc-dc + evaluation: 71 s on 2 idle cores (--all: ~7 min)
+    seed: int = 0
+    num_train_images: int = 8  # crops per concept for training
+    num_eval_images: int = 8  # held-out crops per concept for accuracy and MMD
+    num_images: int = 8  # generated images per (concept, task state) for MMD
+    num_inference_steps: int = 20  # DDIM steps when generating
+    base_model: str = str(BASE_MODEL)
+    train_overrides: Dict[str, object] = field(default_factory=dict)  # further TrainConfig fields
+    progress: bool = True
+
+
+def check_base_model(path: str) -> Path:
+    """The base model directory, or a ValueError saying how to produce it."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"base_model: {str(path)!r} holds no diffusers model (model_index.json missing); the "
+                         f"package ships one at {BASE_MODEL}, rebuilt by `python scripts/pretrain_tiny_base.py`")
+    return path
+
+
+def write_concepts(config: DemoConfig) -> List[Dict[str, str]]:
+    """The demo concepts as PNGs under output_dir/concepts, at the base model's resolution."""
+    from dcfast.demo_data import write_demo_concepts
+    from dcfast.models import load_components
+
+    resolution = load_components(check_base_model(config.base_model)).resolution
+    return write_demo_concepts(Path(config.output_dir) / "concepts", num_tasks=config.num_tasks,
+                               resolution=resolution, num_train=config.num_train_images,
+                               num_eval=config.num_eval_images, seed=config.seed)
+
+
+def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str):
+    """The TrainConfig of one method's run."""
+    from dcfast.config import TrainConfig
+
+    # DSC distils for M steps after each task: a third of the task's steps keeps its cost comparable.
+    values = {**DEMO_TRAIN, "dsc_iterations": max(1, config.max_train_steps // 3), **config.train_overrides}
+    values.update(pretrained_model_name_or_path=str(check_base_model(config.base_model)), output_dir=run_dir,
+                  method=method, tasks=tasks, max_train_steps=config.max_train_steps, seed=config.seed)
+    return TrainConfig.from_dict(values)
+
+
+def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str,
+               log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Train one method on the tasks, evaluate every task state, write its report.
+
+    Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
+    """
+    from dcfast.evaluation import EvalConfig, evaluate
+    from dcfast.report import write_report
+    from dcfast.trainer import train
+
+    log(f"[{method}] training {len(tasks)} tasks x {config.max_train_steps} steps -> {run_dir}")
+    started = time.perf_counter()
+    train(train_config(config, method, tasks, run_dir))
+    train_seconds = time.perf_counter() - started
+    log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
+    eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
+                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress)
+    result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
+    result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
+    paths = write_report(result)
+    log(f"[{method}] evaluated in {result.summary['eval_seconds']:.0f} s; report {paths['report']}")
+    return {"method": method, "run_dir": run_dir, "summary": dict(result.summary), "report": paths}
+
+
+SUMMARY_COLUMNS = (("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final acc"),
+                   ("forgetting", "forgetting"), ("train_seconds", "train s"), ("eval_seconds", "eval s"))
+
+
+def summary_table(runs: List[Dict[str, object]]) -> str:
+    """A markdown table: one row per method with its summary metrics."""
+    def fmt(value):
+        return "–" if value is None else f"{value:.4g}"
+    lines = ["| method | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |",
+             "|---|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += [f"| {r['method']} | " + " | ".join(fmt(r["summary"].get(k)) for k, _ in SUMMARY_COLUMNS) + " |"
+              for r in runs]
+    return "\n".join(lines)
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Concepts -> train -> evaluate -> report for each method of `config`; with several, a comparison.
+
+    Returns {"runs": [run_method results], "table": markdown summary, "compare": paths or None}.
+    """
+    from dcfast.methods import get_method
+
+    for method in config.methods:
+        get_method(method)  # unknown names fail before any work
+    check_base_model(config.base_model)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tasks = write_concepts(config)
+    log(f"demo: {len(tasks)} concepts ({', '.join(t['class_word'] for t in tasks)}) written to "
+        f"{Path(config.output_dir) / 'concepts'}; base model {config.base_model}")
+    runs = [run_method(config, method, tasks, str(Path(config.output_dir) / method.replace("+", "_")), log)
+            for method in config.methods]
+    compare_paths = None
+    if len(runs) > 1:
+        from dcfast.report import compare
+
+        compare_paths = compare([r["run_dir"] for r in runs], str(Path(config.output_dir) / "compare"))
+    return {"runs": runs, "table": summary_table(runs), "compare": compare_paths}
+
+
+def replace(config: DemoConfig, **changes) -> DemoConfig:
+    """A copy of `config` with `changes` (None values ignored)."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})

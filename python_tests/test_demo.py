@@ -1,0 +1,178 @@
+"""The built-in demo: shipped base model, demo concepts, `dcfast demo` end to end, `dcfast bench methods`.
+
+End-to-end runs use `dcfast.models.tiny()` (16x16 images) as the base model so they take seconds;
+the shipped 32x32 base model has its own load and prompt-following checks.
+"""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcfast.demo import BASE_MODEL, DemoConfig
+from dcfast.demo_data import DEMO_CONCEPTS, write_demo_concepts
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py"
+
+
+@pytest.fixture(scope="module")
+def pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_base", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from dcfast.models import tiny
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny(seed=0).save_pretrained(path)
+    return path
+
+
+# --- the shipped base model ---------------------------------------------------------------------
+
+def test_shipped_base_model_is_small_safetensors_and_packaged():
+    files = [p for p in BASE_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    weights = {p.parent.name for p in files if p.suffix == ".safetensors"}
+    assert weights == {"unet", "vae", "text_encoder"}
+    assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'dcfast = ["assets/**/*"]' in pyproject
+
+
+def test_shipped_base_model_loads_through_both_paths():
+    from diffusers import StableDiffusionPipeline
+
+    from dcfast.models import load_components
+
+    components = load_components(BASE_MODEL)
+    assert components.vae is not None and components.resolution == 32
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    # Demo class words are whole tokens (their embeddings initialise the modifier tokens).
+    for concept in DEMO_CONCEPTS:
+        assert pipe.tokenizer.tokenize(concept.class_word) == [concept.class_word + "</w>"]
+
+
+# The base model follows colour words well and shape words loosely: pairs differ in colour.
+@pytest.mark.parametrize("caption, other", [(("red", "circle"), ("blue", "square")),
+                                            (("yellow", "triangle"), ("blue", "square")),
+                                            (("white", "triangle"), ("black", "square"))],
+                         ids=["red-circle", "yellow-triangle", "white-triangle"])
+def test_shipped_base_model_follows_a_pretraining_caption(pretrain_script, caption, other):
+    """Samples for a caption are nearer its images than another caption's, in the default features.
+
+    Distance: Euclidean distance between mean feature vectors (dcfast.features' default extractor)
+    of 8 samples (fixed noise, DDIM 20 steps, guidance 7.5) and of 16 freshly drawn images per caption.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from dcfast.features import load_features
+    from dcfast.sampling import generate
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, local_files_only=True)
+    features = load_features(None)
+    samples = generate(pipe, f"a photo of a {caption[0]} {caption[1]}", 8, num_inference_steps=20,
+                       generator=torch.Generator().manual_seed(0))
+    rng = np.random.RandomState(123)  # not the pretraining seed: these exact images were never trained on
+
+    def real(color, shape):
+        images = np.stack([pretrain_script.draw_shape(color, shape, rng) for _ in range(16)])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+    center = features(samples).mean(0)
+    near = (center - features(real(*caption)).mean(0)).norm()
+    far = (center - features(real(*other)).mean(0)).norm()
+    assert near < far, f"{near:.3f} !< {far:.3f}"
+
+
+def test_pretraining_data_holds_no_demo_photo(pretrain_script):
+    sources = {c.source for c in DEMO_CONCEPTS}
+    assert not sources & set(pretrain_script.TEXTURES + pretrain_script.VAE_EXTRA)
+    assert not {c.class_word for c in DEMO_CONCEPTS} & set(" ".join(pretrain_script.captions()).split())
+
+
+# --- demo concepts --------------------------------------------------------------------------------
+
+def test_demo_concepts_are_seeded_png_crops_with_held_out_split(tmp_path):
+    tasks = write_demo_concepts(tmp_path / "a", num_tasks=2, resolution=16, num_train=3, num_eval=2, seed=0)
+    again = write_demo_concepts(tmp_path / "b", num_tasks=2, resolution=16, num_train=3, num_eval=2, seed=0)
+    assert [t["class_word"] for t in tasks] == ["cat", "cup"]
+    for task, twin in zip(tasks, again):
+        train = sorted(Path(task["images"]).glob("*.png"))
+        held_out = sorted(Path(task["eval_images"]).glob("*.png"))
+        assert len(train) == 3 and len(held_out) == 2
+        arrays = [np.asarray(Image.open(p)) for p in train + held_out]
+        assert all(a.shape == (16, 16, 3) for a in arrays)
+        assert not any(np.array_equal(a, b) for a in arrays[:3] for b in arrays[3:])  # held-out crops differ
+        twins = [np.asarray(Image.open(p)) for p in sorted(Path(twin["images"]).glob("*.png"))]
+        assert all(np.array_equal(a, b) for a, b in zip(arrays[:3], twins))  # same seed, same images
+    with pytest.raises(ValueError, match="tasks"):
+        write_demo_concepts(tmp_path / "c", num_tasks=7)
+
+
+# --- dcfast demo and dcfast bench methods -----------------------------------------------------------
+
+def test_demo_command_end_to_end_writes_the_report(tiny_model_dir, tmp_path, capsys):
+    from dcfast import cli_demo
+
+    parser = argparse.ArgumentParser()
+    cli_demo.add_parser(parser.add_subparsers())
+    out = tmp_path / "demo"
+    args = parser.parse_args(["demo", "--method", "lora", "--tasks", "2", "--max_train_steps", "2",
+                              "--num_images", "2", "--output_dir", str(out), "--base_model", str(tiny_model_dir),
+                              "--quiet"])
+    assert args.handler(args) == 0
+    eval_dir = out / "lora" / "eval"
+    printed = capsys.readouterr().out
+    assert str(eval_dir / "report.md") in printed and "| lora |" in printed
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert len(metrics["accuracy"]) == 2 and set(metrics["summary"]) >= {"ammd", "bwt_mmd", "final_accuracy", "forgetting"}
+    assert "AMMD" in (eval_dir / "report.md").read_text()
+    for name in ("accuracy.png", "mmd.png", "grid_concept_1.png", "grid_concept_2.png"):
+        with Image.open(eval_dir / name) as image:
+            image.verify()
+    assert sorted(p.name for p in (out / "concepts").iterdir()) == ["cat", "cup"]
+
+
+def test_demo_with_several_methods_writes_the_comparison(tiny_model_dir, tmp_path):
+    from dcfast.demo import run_demo
+
+    config = DemoConfig(output_dir=str(tmp_path / "demo"), methods=["lora", "ewc"], num_tasks=2, max_train_steps=1,
+                        num_train_images=2, num_eval_images=2, num_images=2, num_inference_steps=2,
+                        base_model=str(tiny_model_dir), progress=False)
+    result = run_demo(config, log=lambda line: None)
+    assert [r["method"] for r in result["runs"]] == ["lora", "ewc"]
+    assert "| lora |" in result["table"] and "| ewc |" in result["table"]
+    rows = json.loads(Path(result["compare"]["json"]).read_text())
+    assert [r["method"] for r in rows] == ["lora", "ewc"]
+    with Image.open(result["compare"]["plot"]) as image:
+        image.verify()
+    with pytest.raises(ValueError, match="method"):
+        run_demo(DemoConfig(output_dir=str(tmp_path / "bad"), methods=["sgd"], base_model=str(tiny_model_dir)))
+
+
+def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path):
+    from dcfast.bench import methods
+
+    config = DemoConfig(num_tasks=2, max_train_steps=1, num_train_images=2, num_eval_images=2, num_images=2,
+                        num_inference_steps=2, base_model=str(tiny_model_dir), progress=False)
+    result = methods.run(seeds=2, methods=["lora", "c-lora"], output_dir=str(tmp_path / "bench"), config=config)
+    assert [(r["method"], r["seed"]) for r in result["rows"]] == [("lora", 0), ("c-lora", 0), ("lora", 1), ("c-lora", 1)]
+    for method in ("lora", "c-lora"):
+        seeds = [r["summary"]["ammd"] for r in result["rows"] if r["method"] == method]
+        assert result["stats"][method]["ammd"]["mean"] == pytest.approx(np.mean(seeds))
+        assert result["stats"][method]["ammd"]["std"] == pytest.approx(np.std(seeds, ddof=1))
+    assert "± " in Path(result["paths"]["table"]).read_text()
+    with Image.open(result["paths"]["plot"]) as image:
+        image.verify()
