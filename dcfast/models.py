@@ -6,6 +6,7 @@ The U-Net mirrors SD 1.x's block layout (cross-attention at full resolution firs
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,44 @@ def _bytes_to_unicode() -> dict:
     return dict(zip(printable, map(chr, codes)))
 
 
+def _bpe(word: str, ranks: dict) -> list:
+    """Byte-pair encoding of one word as CLIP does it: repeatedly merge the lowest-ranked adjacent pair."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == math.inf:
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def whole_word_merges(merges: list, words) -> list:
+    """Reorder BPE merges so that every word of `words` encodes to one token.
+
+    `write_tiny_tokenizer_files` builds each word's merges left to right, but BPE applies
+    the lowest-ranked pair anywhere in a word, so an earlier word's merge can split a later one
+    ("at" makes "cat" -> "c" + "at"). Whenever a word takes a wrong merge, move the merge it needed
+    just before the wrong one, until no word does.
+    """
+    merges = list(merges)
+    for _ in range(100 * len(words)):
+        ranks = {pair: r for r, pair in enumerate(merges)}
+        broken = [w for w in words if _bpe(w, ranks) != [w + "</w>"]]
+        if not broken:
+            return merges
+        word = broken[0]
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while True:  # replay: the chain wants (prefix, next) at every step
+            wanted = (pieces[0], pieces[1])
+            rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+            if i != 0:
+                merges.remove(wanted)
+                merges.insert(rank, wanted)
+                break
+            pieces[0:2] = [pieces[0] + pieces[1]]
+    raise RuntimeError(f"no merge order makes all of {broken} whole tokens")
+
+
 def write_tiny_tokenizer_files(directory: Union[str, Path], words=TINY_WORDS) -> Path:
     """Write a small CLIP BPE vocab.json/merges.txt: every byte symbol, plus each word built left to right."""
     directory = Path(directory)
@@ -86,6 +125,7 @@ def write_tiny_tokenizer_files(directory: Union[str, Path], words=TINY_WORDS) ->
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             if pieces[0] not in vocab:
                 vocab.append(pieces[0])
+    merges = whole_word_merges(merges, words)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")

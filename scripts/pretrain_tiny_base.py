@@ -74,50 +74,9 @@ VAE_EXTRA = ("camera", "coins", "moon", "page", "text", "hubble_deep_field", "re
 WORDS = sorted(set(TINY_WORDS) | set(COLORS) | set(SHAPES) | set(TEXTURES) | {"purple", "orange", "motorcycle"})
 
 
-def _bpe(word: str, ranks: dict) -> list:
-    """Byte-pair encoding of one word as CLIP does it: repeatedly merge the lowest-ranked adjacent pair."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(pieces) > 1:
-        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
-        if rank == math.inf:
-            break
-        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
-    return pieces
-
-
-def whole_word_merges(merges: list, words) -> list:
-    """Reorder BPE merges so that every word of `words` encodes to one token.
-
-    `dcfast.models.write_tiny_tokenizer_files` builds each word's merges left to right, but BPE applies
-    the lowest-ranked pair anywhere in a word, so an earlier word's merge can split a later one
-    ("at" makes "cat" -> "c" + "at"). Whenever a word takes a wrong merge, move the merge it needed
-    just before the wrong one, until no word does.
-    """
-    merges = list(merges)
-    for _ in range(100 * len(words)):
-        ranks = {pair: r for r, pair in enumerate(merges)}
-        broken = [w for w in words if _bpe(w, ranks) != [w + "</w>"]]
-        if not broken:
-            return merges
-        word = broken[0]
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while True:  # replay: the chain wants (prefix, next) at every step
-            wanted = (pieces[0], pieces[1])
-            rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
-            if i != 0:
-                merges.remove(wanted)
-                merges.insert(rank, wanted)
-                break
-            pieces[0:2] = [pieces[0] + pieces[1]]
-    raise RuntimeError(f"no merge order makes all of {broken} whole tokens")
-
-
 def write_tokenizer(folder: str) -> CLIPTokenizer:
     """A CLIPTokenizer whose vocabulary holds every word of WORDS whole (checked)."""
     write_tiny_tokenizer_files(folder, WORDS)
-    lines = (Path(folder) / "merges.txt").read_text().splitlines()
-    merges = whole_word_merges([tuple(line.split()) for line in lines[1:] if line], WORDS)
-    (Path(folder) / "merges.txt").write_text(lines[0] + "\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     split = [w for w in WORDS if tokenizer.tokenize(w) != [w + "</w>"]]
     if split:

@@ -44,3 +44,11 @@ def test_missing_subfolder_is_named(model_dir, tmp_path, missing):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(ValueError, match="is not a directory"):
         load_components(tmp_path / "nowhere")
+
+
+def test_tiny_tokenizer_keeps_every_word_whole():
+    from dcfast.models import TINY_WORDS, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    split = [word for word in TINY_WORDS if tokenizer.tokenize(word) != [word + "</w>"]]
+    assert not split, f"split into several tokens: {split}"
