@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from dcfast.data import DEFAULT_PROMPT_TEMPLATE, Concept, check_image_folder
+from dcfast.data import DEFAULT_PROMPT_TEMPLATE, check_image_folder
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DC_LOSSES = ("l2", "l1", "huber")
@@ -27,9 +27,9 @@ class TaskConfig:
     prompt: str = DEFAULT_PROMPT_TEMPLATE
     eval_images: Optional[str] = None
 
-    def concept(self) -> Concept:
-        return Concept(Path(self.images), self.class_word, self.prompt,
-                       Path(self.eval_images) if self.eval_images else None)
+    def task_prompt(self, token: str) -> str:
+        """The task prompt c_i, e.g. "a photo of <v1> dog"."""
+        return self.prompt.format(token=token, class_word=self.class_word)
 
 
 @dataclass

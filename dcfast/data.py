@@ -1,13 +1,12 @@
-"""Concept data: a folder of photos, a class word and a prompt template.
+"""Concept data: image folders, loaded and checked the way training and evaluation both need.
 
 Images are loaded once per task, resized (shorter side) and center-cropped to the model's resolution,
 and normalised to [-1, 1] as Stable Diffusion's VAE expects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 import torch
@@ -15,20 +14,6 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT_TEMPLATE = "a photo of {token} {class_word}"
-
-
-@dataclass
-class Concept:
-    """One task's concept: `images` folder, `class_word` ("dog") and a prompt template."""
-
-    images: Path
-    class_word: str
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    eval_images: Optional[Path] = None
-
-    def prompt(self, token: str) -> str:
-        """The task prompt c_i, e.g. "a photo of <v1> dog"."""
-        return self.prompt_template.format(token=token, class_word=self.class_word)
 
 
 def find_images(folder: Union[str, Path], field: str = "images") -> List[Path]:

@@ -61,7 +61,7 @@ def _task_plan(config: TrainConfig) -> List[Dict[str, Optional[str]]]:
     for i, task in enumerate(config.tasks, start=1):
         token = config.token_template.format(index=i)
         plan.append({"index": i, "token": token, "class_word": task.class_word,
-                     "prompt": task.prompt.format(token=token, class_word=task.class_word),
+                     "prompt": task.task_prompt(token),
                      "class_prompt": config.class_prompt.format(class_word=task.class_word),
                      "images": str(task.images), "eval_images": task.eval_images})
     return plan

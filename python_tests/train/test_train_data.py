@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcfast.data import Concept, check_image_folder, load_images
+from dcfast.config import TaskConfig
+from dcfast.data import check_image_folder, load_images
 
 
 def test_load_resizes_center_crops_and_normalises(tmp_path):
@@ -17,8 +18,8 @@ def test_load_resizes_center_crops_and_normalises(tmp_path):
 
 
 def test_prompt_template():
-    assert Concept(".", "dog").prompt("<v1>") == "a photo of <v1> dog"
-    assert Concept(".", "mug", "{token} {class_word} on a table").prompt("<v2>") == "<v2> mug on a table"
+    assert TaskConfig(".", "dog").task_prompt("<v1>") == "a photo of <v1> dog"
+    assert TaskConfig(".", "mug", "{token} {class_word} on a table").task_prompt("<v2>") == "<v2> mug on a table"
 
 
 def test_missing_folder(tmp_path):
