@@ -1,4 +1,4 @@
-"""Continual-personalization metrics (DESIGN 5): MMD, AMMD, BwT-MMD, accuracy and forgetting.
+"""Continual-personalization metrics (DESIGN 5, 6): MMD, AMMD, BwT-MMD, accuracy, fidelity, BwT and forgetting.
 
 Matrices are (N, N) with rows = concepts i and columns = task states j (the model after task j);
 entries with i > j (concept not yet seen) are NaN.
@@ -65,20 +65,50 @@ def bwt_mmd(mmd: torch.Tensor) -> float:
     return float((mmd[idx, -1] - mmd[idx, idx]).mean())
 
 
+def final_score(matrix: torch.Tensor, name: str = "matrix") -> float:
+    """Mean of every concept's score under the final model, mean_i R[i, N]."""
+    matrix = _check_matrix(name, matrix)
+    return float(matrix[:, -1].mean())
+
+
 def final_accuracy(accuracy: torch.Tensor) -> float:
     """Mean accuracy of every concept under the final model, mean_i A[i, N]."""
-    accuracy = _check_matrix("accuracy", accuracy)
-    return float(accuracy[:, -1].mean())
+    return final_score(accuracy, "accuracy")
 
 
-def forgetting(accuracy: torch.Tensor) -> float:
-    """Forgetting = mean_i max_{j >= i} (A[i, j] - A[i, N]) (>= 0; unseen NaN entries are ignored)."""
-    accuracy = _check_matrix("accuracy", accuracy)
-    drops = accuracy - accuracy[:, -1:]
-    return float(torch.nan_to_num(drops, nan=-math.inf).amax(dim=1).mean())
+def bwt(matrix: torch.Tensor, name: str = "matrix") -> float:
+    """Backward transfer of a higher-is-better score (Lopez-Paz & Ranzato 2017), mean_{i<N} (R[i, N] - R[i, i]);
+    negative = forgetting. NaN when N = 1."""
+    matrix = _check_matrix(name, matrix)
+    n = matrix.shape[0]
+    if n < 2:
+        return math.nan
+    idx = torch.arange(n - 1)
+    return float((matrix[idx, -1] - matrix[idx, idx]).mean())
+
+
+def forgetting(matrix: torch.Tensor, name: str = "accuracy") -> float:
+    """Forgetting of a higher-is-better score (Chaudhry et al. 2018): for each of the first N-1 concepts, the
+    best score it had before the final state minus its final score, averaged over those N-1 concepts,
+    mean_{i<N} (max_{i<=j<N} R[i, j] - R[i, N]). Can be negative (backward transfer); 0 when N = 1."""
+    matrix = _check_matrix(name, matrix)
+    n = matrix.shape[0]
+    if n < 2:
+        return 0.0
+    before_final = torch.nan_to_num(matrix[:n - 1, :n - 1], nan=-math.inf).amax(dim=1)
+    return float((before_final - matrix[:n - 1, -1]).mean())
 
 
 def summary(accuracy: torch.Tensor, mmd: torch.Tensor) -> Dict[str, float]:
     """All scalar metrics of one run: ammd, bwt_mmd, final_accuracy, forgetting."""
     return {"ammd": ammd(mmd), "bwt_mmd": bwt_mmd(mmd),
             "final_accuracy": final_accuracy(accuracy), "forgetting": forgetting(accuracy)}
+
+
+def fidelity_summary(fidelity: torch.Tensor, shape: torch.Tensor, colour: torch.Tensor) -> Dict[str, float]:
+    """Scalar metrics of the world's fidelity matrices (DESIGN 6): final fidelity, BwT-fidelity,
+    fidelity forgetting, and final shape-only / colour-only fidelity."""
+    return {"final_fidelity": final_score(fidelity, "fidelity"), "bwt_fidelity": bwt(fidelity, "fidelity"),
+            "fidelity_forgetting": forgetting(fidelity, "fidelity"),
+            "final_shape_fidelity": final_score(shape, "shape fidelity"),
+            "final_colour_fidelity": final_score(colour, "colour fidelity")}

@@ -71,8 +71,9 @@ def test_summary_from_hand_built_matrices():
     assert metrics.ammd(MMD) == pytest.approx((0.40 + 0.35 + 0.50) / 3)
     assert metrics.bwt_mmd(MMD) == pytest.approx(((0.40 - 0.10) + (0.35 - 0.30)) / 2)
     assert metrics.final_accuracy(ACC) == pytest.approx((0.75 + 0.40 + 0.90) / 3)
-    # max_j (A[i,j] - A[i,N]): concept 1: 1.00 - 0.75; concept 2: 0.80 - 0.40; concept 3: 0
-    assert metrics.forgetting(ACC) == pytest.approx((0.25 + 0.40 + 0.0) / 3)
+    # first N-1 concepts, best before the final state minus final: concept 1: 1.00 - 0.75; concept 2: 0.80 - 0.40
+    assert metrics.forgetting(ACC) == pytest.approx((0.25 + 0.40) / 2)
+    assert metrics.bwt(ACC) == pytest.approx(((0.75 - 1.00) + (0.40 - 0.80)) / 2)
     s = metrics.summary(ACC, MMD)
     assert set(s) == {"ammd", "bwt_mmd", "final_accuracy", "forgetting"}
 
@@ -82,6 +83,15 @@ def test_bwt_sign_and_single_task():
     assert metrics.bwt_mmd(improving) < 0  # MMD fell: backward transfer, not forgetting
     assert math.isnan(metrics.bwt_mmd(torch.tensor([[0.3]])))
     assert metrics.forgetting(torch.tensor([[0.7]])) == 0.0
+
+
+def test_forgetting_counts_the_best_earlier_state_not_the_final_one():
+    # concept 1 peaks at state 2 (0.9), ends at 0.6; concept 2 improves (0.5 -> 0.7): negative forgetting
+    scores = torch.tensor([[0.8, 0.9, 0.6], [nan, 0.5, 0.7], [nan, nan, 0.2]])
+    assert metrics.forgetting(scores, "fidelity") == pytest.approx(((0.9 - 0.6) + (0.5 - 0.7)) / 2)
+    s = metrics.fidelity_summary(scores, scores, scores)
+    assert s["final_fidelity"] == pytest.approx((0.6 + 0.7 + 0.2) / 3)
+    assert s["bwt_fidelity"] == pytest.approx(((0.6 - 0.8) + (0.7 - 0.5)) / 2)
 
 
 def test_matrix_shape_errors():

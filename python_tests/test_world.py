@@ -1,0 +1,180 @@
+"""The tiny world (dcfast.world), its oracle (dcfast.oracle), fidelity in evaluation, and a tiny world run."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcfast import world
+from dcfast.oracle import fidelity, load_oracle, read_attributes
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return load_oracle()
+
+
+def renders(concept: world.Concept, count: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(world.render(world.concept_scenes(concept, count, seed))).permute(0, 3, 1, 2)
+
+
+# --- rendering and captions ---------------------------------------------------------------------------
+
+def test_renders_are_deterministic_and_seeded():
+    a = world.render(world.random_scenes(64, seed=3))
+    b = world.render(world.random_scenes(64, seed=3))
+    c = world.render(world.random_scenes(64, seed=4))
+    assert a.shape == (64, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_a_render_shows_its_colours_where_expected():
+    """A solid red square on white, centred, unrotated: red at the centre, the background in the corners."""
+    concept = world.Concept("probe", "square", "red", "solid", "blue", "white")
+    scene = world.concept_scenes(concept, 1, 0)
+    scene = world.Scene(**{**scene.__dict__, "center": np.array([[16.0, 16.0]]), "radius": np.array([10.0]),
+                           "angle": np.array([0.0])})
+    image = world.render(scene)[0].astype(float)
+    assert np.abs(image[16, 16] - world.COLOURS["red"]).max() < 15
+    assert np.abs(image[1, 1] - world.BACKGROUNDS["white"]).max() < 15
+    assert np.abs(image[16, 30] - world.BACKGROUNDS["white"]).max() < 15  # radius 10 * 0.78 < 14 px
+
+
+def test_patterns_draw_the_second_colour_inside_the_shape_only():
+    stripes = world.Concept("probe", "square", "red", "stripes", "blue", "black")
+    solid = world.Concept("probe", "square", "red", "solid", "blue", "black")
+    blue = np.array(world.COLOURS["blue"], float)
+
+    def blue_pixels(concept):
+        return (np.abs(world.render(world.concept_scenes(concept, 8, 1)).astype(float) - blue).max(-1) < 30).mean()
+
+    assert blue_pixels(stripes) > 0.03 and blue_pixels(solid) == 0
+
+
+def test_captions_name_the_attributes_given():
+    shape, colour = world.SHAPES.index("star"), world.COLOUR_NAMES.index("teal")
+    assert world.caption(shape) == "a photo of a star"
+    assert world.caption(shape, colour) == "a photo of a teal star"
+    full = world.caption(shape, colour, world.PATTERNS.index("stripes"), world.COLOUR_NAMES.index("orange"),
+                         world.BACKGROUND_NAMES.index("white"))
+    assert full == "a photo of a teal star with orange stripes on a white background"
+    assert set(full.split()) <= set(world.caption_words())
+
+
+# --- concepts and sequences ---------------------------------------------------------------------------
+
+def test_validation_and_test_concepts_are_disjoint_and_sequences_well_formed():
+    test, validation = set(world.concepts_in_split("test")), set(world.concepts_in_split("validation"))
+    assert test and validation and not test & validation
+    for name, (split, names) in world.SEQUENCES.items():
+        concepts = world.get_sequence(name)
+        assert len(concepts) == len(names) >= 4
+        shapes = [c.shape for c in concepts]
+        if name.startswith("same-class"):
+            assert len(set(shapes)) == 1
+        else:
+            assert len(set(shapes)) == len(shapes)
+        for a in concepts:  # every pair differs in at least two defining attributes: learning one conflicts
+            for b in concepts:
+                if a is not b:
+                    assert sum(a.labels()[k] != b.labels()[k] for k in world.ATTRIBUTES) >= 2, (a.name, b.name)
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="known sequences: .*same-class-test"):
+        world.get_sequence("same-class")
+    with pytest.raises(ValueError, match="known concepts: .*teal-star"):
+        world.get_concept("teal star")
+
+
+def test_write_sequence_splits_are_distinct_renders(tmp_path):
+    tasks = world.write_sequence(tmp_path, "same-class-test", num_train=3, num_eval=4, num_tasks=2)
+    assert [t["class_word"] for t in tasks] == ["star", "star"]
+    for task in tasks:
+        train = [np.asarray(Image.open(p)) for p in sorted(Path(task["images"]).glob("*.png"))]
+        held_out = [np.asarray(Image.open(p)) for p in sorted(Path(task["eval_images"]).glob("*.png"))]
+        assert len(train) == 3 and len(held_out) == 4 and Path(task["eval_images"]).name == "test"
+        assert not any(np.array_equal(a, b) for a in train for b in held_out)
+        assert world.read_concept(task["images"]) == world.read_concept(task["eval_images"])
+    assert world.read_concept(tasks[0]["images"]).name == "teal-star"
+    val = world.write_sequence(tmp_path / "v", "same-class-val", num_train=1, num_eval=2, num_tasks=1)
+    assert Path(val[0]["eval_images"]).name == "val"
+    assert world.read_concept(tmp_path) is None  # not a concept folder
+    with pytest.raises(ValueError, match="num_tasks"):
+        world.write_sequence(tmp_path, "same-class-test", num_tasks=9)
+
+
+# --- the oracle and fidelity ----------------------------------------------------------------------------
+
+def test_oracle_reads_fresh_renders(oracle):
+    scenes = world.random_scenes(600, seed=987_654)  # not a seed the training script draws
+    images = torch.from_numpy(world.render(scenes)).permute(0, 3, 1, 2)
+    reading = read_attributes(oracle, images)
+    for name in world.ATTRIBUTES:
+        accuracy = (reading[name] == torch.from_numpy(getattr(scenes, name))).double().mean()
+        assert accuracy >= 0.97, (name, float(accuracy))
+
+
+def test_fidelity_is_one_on_the_concept_and_zero_on_another(oracle):
+    teal, red = world.get_concept("teal-star"), world.get_concept("red-star")
+    own = fidelity(read_attributes(oracle, renders(teal, 32, 5)), teal)
+    other = fidelity(read_attributes(oracle, renders(red, 32, 5)), teal)
+    assert own["all"] == 1.0 and own["shape"] == 1.0
+    assert other["all"] == 0.0 and other["shape"] == 1.0  # same class, other look: only the shape matches
+    assert other["colour"] == 0.0
+
+
+def test_fidelity_of_a_hand_made_reading():
+    concept = world.get_concept("teal-star")
+    labels = concept.labels()
+    reading = {name: torch.full((4,), value) for name, value in labels.items()}
+    reading["colour"] = torch.tensor([labels["colour"], labels["colour"], 0, 0])  # 0 = red, not teal
+    result = fidelity(reading, concept)
+    assert result == {"all": 0.5, "shape": 1.0, "colour": 0.5, "pattern": 1.0, "background": 1.0}
+
+
+def test_missing_or_corrupt_oracle_names_the_file_and_the_script(tmp_path):
+    with pytest.raises(ValueError, match=r"nothing\.safetensors.*scripts/train_oracle\.py"):
+        load_oracle(tmp_path / "nothing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*corrupt.*scripts/train_oracle\.py"):
+        load_oracle(bad)
+
+
+def test_missing_base_model_names_the_script(tmp_path):
+    from dcfast.demo import check_base_model
+
+    with pytest.raises(ValueError, match=r"pretrain_tiny_base\.py"):
+        check_base_model(str(tmp_path))
+
+
+# --- a tiny world run end to end ------------------------------------------------------------------------
+
+def test_tiny_world_run_reports_fidelity(tmp_path):
+    """Two world tasks on the in-code tiny model: fidelity matrices, their summaries, heatmap and table."""
+    from dcfast.demo import DemoConfig, run_demo
+    from dcfast.models import tiny
+
+    model = tmp_path / "model"
+    tiny(seed=0).save_pretrained(model)
+    config = DemoConfig(output_dir=str(tmp_path / "demo"), methods=["lora"], sequence="same-class-val", num_tasks=2,
+                        max_train_steps=2, num_train_images=2, num_eval_images=2, num_images=2,
+                        num_inference_steps=2, base_model=str(model), progress=False)
+    result = run_demo(config, log=lambda line: None)
+    eval_dir = Path(result["runs"][0]["run_dir"]) / "eval"
+    data = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(data["fidelity"]) == {"all", *world.ATTRIBUTES}
+    matrix = data["fidelity"]["all"]
+    assert matrix[1][0] is None and all(0 <= v <= 1 for v in (matrix[0][0], matrix[0][1], matrix[1][1]))
+    first = data["fidelity"]["shape"][0]
+    summary = data["summary"]
+    assert summary["final_shape_fidelity"] == pytest.approx((first[1] + data["fidelity"]["shape"][1][1]) / 2)
+    assert summary["fidelity_forgetting"] == pytest.approx(matrix[0][0] - matrix[0][1])
+    assert summary["bwt_fidelity"] == pytest.approx(matrix[0][1] - matrix[0][0])
+    assert "Concept fidelity" in (eval_dir / "report.md").read_text()
+    with Image.open(eval_dir / "fidelity.png") as image:
+        image.verify()
+    assert "final fidelity" in result["table"]
