@@ -14,7 +14,10 @@ BENCHMARKS = {
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
     "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
     "methods": ("dcfast.bench.methods", ""),  # its closing lines are the table and where it was written
+    "world": ("dcfast.bench.world", "state1_fidelity final_fidelity lora_forgetting"),
 }
+# targets that repeat runs over seeds and write their runs under --output_dir
+SEEDED = {"methods": "dcfast-bench-methods", "world": "dcfast-bench-world"}
 
 
 def _add_bench(subparsers) -> None:
@@ -23,15 +26,15 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--quick", action="store_true", help="one small case (seconds to a minute on a CPU)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
-    bench.add_argument("--seeds", type=int, default=3, help="methods only: seeds per method (default: 3)")
-    bench.add_argument("--output_dir", default="dcfast-bench-methods",
-                       help="methods only: where runs, methods.md/json and methods.png go")
+    bench.add_argument("--seeds", type=int, default=3, help="methods and world: seeds per method (default: 3)")
+    bench.add_argument("--output_dir", default=None,
+                       help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
-    extra = {"seeds": args.seeds, "output_dir": args.output_dir} if args.target == "methods" else {}
+    extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic

@@ -1,13 +1,15 @@
 """`dcfast demo`: continual personalization end to end on a CPU, with nothing to download.
 
-1. Write the demo concepts (photos from scikit-image, `dcfast.demo_data`) at the base model's resolution.
+1. Write the concepts: by default a task sequence of the tiny world (`dcfast.world`, DESIGN 6), where
+   the oracle judges fidelity; with `photos=True`, photos from scikit-image (`dcfast.demo_data`).
 2. Train every task in order with `dcfast.train` on the tiny base model shipped in the package
    (`dcfast/assets/tiny-base`, made by scripts/pretrain_tiny_base.py).
-3. Evaluate every task state (`dcfast.evaluate`: accuracy and MMD matrices, AMMD, BwT) and write the
-   report (`dcfast.report`); with several methods, also the comparison table and plot.
+3. Evaluate every task state (`dcfast.evaluate`: fidelity on the world, accuracy and MMD matrices,
+   AMMD, BwT, forgetting) and write the report (`dcfast.report`); with several methods, also the
+   comparison table and plot.
 
-Demo-sized training settings (DEMO_TRAIN) replace a few TrainConfig defaults that are sized for real
-models; each carries its reason. Everything else is TrainConfig's default.
+Training settings for the world (WORLD_TRAIN) and for photos (PHOTO_TRAIN) replace a few TrainConfig
+defaults that are sized for real models; each carries its reason. Everything else is TrainConfig's default.
 """
 from __future__ import annotations
 
@@ -16,16 +18,26 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 BASE_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-base"
 DEFAULT_METHOD = "ewc-dc"
+DEFAULT_SEQUENCE = "same-class-test"  # the hard case: every concept a star
 
-# TrainConfig values for the demo (the rest keep their defaults).
-DEMO_TRAIN = {
+# TrainConfig values for world runs (the rest keep their defaults); measured in bench/world.py's docstring.
+WORLD_TRAIN = {
+    "learning_rate": 1e-3,
+    "token_learning_rate": 1e-3,
+    "max_train_steps": 200,
+    "checkpointing_steps": 10**9,
+}
+
+# TrainConfig values for the photo demo (the rest keep their defaults).
+PHOTO_TRAIN = {
     # Few steps per task on a CPU: a LoRA at lr 1e-4 barely moves in 100 steps; 1e-3 is the usual
     # LoRA rate for short DreamBooth runs and stays stable here (rank 4, grad-norm clipping at 1).
     "learning_rate": 1e-3,
+    "max_train_steps": 100,  # 3 tasks of ewc-dc + evaluation: 71 s on 2 idle cores (--all: ~7 min)
     # No mid-task checkpoints: a demo task takes seconds, resuming it would save nothing.
     "checkpointing_steps": 10**9,
 }
@@ -37,11 +49,13 @@ class DemoConfig:
 
     output_dir: str = "dcfast-demo"
     methods: Sequence[str] = (DEFAULT_METHOD,)
-    num_tasks: int = 3  # concepts learned in sequence: cat, cup, rocket, (horse, person, motorcycle)
-    max_train_steps: int = 100  # per task; 3 tasks of ewc-dc + evaluation: 71 s on 2 idle cores (--all: ~7 min)
+    sequence: str = DEFAULT_SEQUENCE  # a world sequence (dcfast.world.SEQUENCES); ignored with photos
+    photos: bool = False  # the photo concepts (cat, cup, rocket, horse, person, motorcycle) instead of the world
+    num_tasks: Optional[int] = None  # concepts learned in sequence (None: the whole world sequence, 3 photos)
+    max_train_steps: Optional[int] = None  # per task (None: WORLD_TRAIN's or PHOTO_TRAIN's)
     seed: int = 0
-    num_train_images: int = 8  # crops per concept for training
-    num_eval_images: int = 8  # held-out crops per concept for accuracy and MMD
+    num_train_images: int = 8  # images per concept for training
+    num_eval_images: int = 8  # held-out images per concept for accuracy and MMD
     num_images: int = 8  # generated images per (concept, task state) for MMD
     num_inference_steps: int = 20  # DDIM steps when generating
     base_model: str = str(BASE_MODEL)
@@ -59,24 +73,33 @@ def check_base_model(path: str) -> Path:
 
 
 def write_concepts(config: DemoConfig) -> List[Dict[str, str]]:
-    """The demo concepts as PNGs under output_dir/concepts, at the base model's resolution."""
+    """The concepts as PNGs under output_dir/concepts: the world sequence's renders (32x32), or photo crops
+    at the base model's resolution."""
+    folder = Path(config.output_dir) / "concepts"
+    if not config.photos:
+        from dcfast.world import write_sequence
+
+        return write_sequence(folder, config.sequence, num_train=config.num_train_images,
+                              num_eval=config.num_eval_images, seed=config.seed, num_tasks=config.num_tasks)
     from dcfast.demo_data import write_demo_concepts
     from dcfast.models import load_components
 
     resolution = load_components(check_base_model(config.base_model)).resolution
-    return write_demo_concepts(Path(config.output_dir) / "concepts", num_tasks=config.num_tasks,
-                               resolution=resolution, num_train=config.num_train_images,
-                               num_eval=config.num_eval_images, seed=config.seed)
+    return write_demo_concepts(folder, num_tasks=config.num_tasks or 3, resolution=resolution,
+                               num_train=config.num_train_images, num_eval=config.num_eval_images, seed=config.seed)
 
 
 def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str):
     """The TrainConfig of one method's run."""
     from dcfast.config import TrainConfig
 
+    values = {**(PHOTO_TRAIN if config.photos else WORLD_TRAIN), **config.train_overrides}
+    if config.max_train_steps is not None:
+        values["max_train_steps"] = config.max_train_steps
     # DSC distils for M steps after each task: a third of the task's steps keeps its cost comparable.
-    values = {**DEMO_TRAIN, "dsc_iterations": max(1, config.max_train_steps // 3), **config.train_overrides}
+    values.setdefault("dsc_iterations", max(1, values["max_train_steps"] // 3))
     values.update(pretrained_model_name_or_path=str(check_base_model(config.base_model)), output_dir=run_dir,
-                  method=method, tasks=tasks, max_train_steps=config.max_train_steps, seed=config.seed)
+                  method=method, tasks=tasks, seed=config.seed)
     return TrainConfig.from_dict(values)
 
 
@@ -90,9 +113,10 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     from dcfast.report import write_report
     from dcfast.trainer import train
 
-    log(f"[{method}] training {len(tasks)} tasks x {config.max_train_steps} steps -> {run_dir}")
+    train_settings = train_config(config, method, tasks, run_dir)
+    log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
     started = time.perf_counter()
-    train(train_config(config, method, tasks, run_dir))
+    train(train_settings)
     train_seconds = time.perf_counter() - started
     log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
     eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
@@ -104,14 +128,15 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     return {"method": method, "run_dir": run_dir, "summary": dict(result.summary), "report": paths}
 
 
-SUMMARY_COLUMNS = (("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final acc"),
+SUMMARY_COLUMNS = (("final_fidelity", "final fidelity"), ("fidelity_forgetting", "fidelity forgetting"),
+                   ("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final acc"),
                    ("forgetting", "forgetting"), ("train_seconds", "train s"), ("eval_seconds", "eval s"))
 
 
 def summary_table(runs: List[Dict[str, object]]) -> str:
     """A markdown table: one row per method with its summary metrics."""
     def fmt(value):
-        return "–" if value is None else f"{value:.4g}"
+        return "–" if value is None or value != value else f"{value:.4g}"
     lines = ["| method | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |",
              "|---|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += [f"| {r['method']} | " + " | ".join(fmt(r["summary"].get(k)) for k, _ in SUMMARY_COLUMNS) + " |"

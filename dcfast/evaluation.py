@@ -7,7 +7,10 @@ For every task state j (the model after task j) and every concept i <= j seen by
   (the run's class prompt, e.g. "a photo of a dog") of every seen class word;
 - MMD M[i, j]: unbiased MMD^2 (KID kernel) between features of `num_images` images generated for
   concept i with DDIM under state j and features of concept i's real held-out images;
-- I2I[i, j] (only with CLIP features): mean cosine similarity of generated vs real embeddings.
+- I2I[i, j] (only with CLIP features): mean cosine similarity of generated vs real embeddings;
+- fidelity F[i, j] (only for the tiny world's concepts, DESIGN 6): the fraction of `fidelity_images`
+  samples of concept i's prompt under state j that the oracle (`dcfast.oracle`) judges to carry every
+  defining attribute of concept i; shape-only, colour-only, pattern-only and background-only beside it.
 
 The run directory is read through `dcfast.runs` (`read_run`, `load_pipeline`), imported lazily.
 Concepts without a held-out folder are evaluated on their training images; the report says so.
@@ -45,6 +48,8 @@ class EvalConfig:
     seed: int = 0
     loss: str = "l2"
     max_batch: Optional[int] = None  # U-Net rows per call (None: dcfast.scores' default)
+    fidelity_images: int = 32  # world runs: samples per (concept, state) the oracle judges; steps of 1/32
+    oracle: Optional[str] = None  # world runs: oracle weights (None: the one shipped in the package)
     device: str = "cpu"
     progress: bool = True
 
@@ -53,6 +58,8 @@ class EvalConfig:
             raise ValueError(f"num_images must be >= 2 (unbiased MMD needs two samples), got {self.num_images}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.fidelity_images < 1:
+            raise ValueError(f"fidelity_images must be >= 1, got {self.fidelity_images}")
         if self.max_eval_images is not None and self.max_eval_images < 2:
             raise ValueError(f"max_eval_images must be >= 2 or None, got {self.max_eval_images}")
         self.stages = check_stages(self.stages)
@@ -68,6 +75,7 @@ class TaskEval:
     i2i: Optional[List[float]]
     seconds_per_image: List[float]  # DC classification time per held-out image
     unet_evals_per_image: List[float]
+    fidelity: Optional[List[Dict[str, float]]] = None  # world concepts: oracle.fidelity per concept
     samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8 (n, 3, H, W)
 
     def to_dict(self) -> dict:
@@ -90,6 +98,7 @@ class EvalResult:
     seconds_per_image: torch.Tensor
     summary: Dict[str, Optional[float]]
     config: dict
+    fidelity: Optional[Dict[str, torch.Tensor]] = None  # world runs: "all", then one matrix per attribute
     samples: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # (i, j) -> uint8
     real_samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8
 
@@ -101,7 +110,8 @@ class EvalResult:
                 "summary": {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
                             for k, v in self.summary.items()},
                 "accuracy": matrix(self.accuracy), "mmd": matrix(self.mmd), "i2i": matrix(self.i2i),
-                "seconds_per_image": matrix(self.seconds_per_image), "config": self.config}
+                "seconds_per_image": matrix(self.seconds_per_image), "config": self.config,
+                "fidelity": None if self.fidelity is None else {k: matrix(m) for k, m in self.fidelity.items()}}
 
 
 def _runs():
@@ -146,9 +156,23 @@ def _real_images(task, size: int, config: EvalConfig) -> torch.Tensor:
     return load_image_folder(task.images, size, config.max_eval_images, f"task {task.index} images")
 
 
+def world_concepts(tasks: Sequence) -> Optional[list]:
+    """Each task's world concept (`dcfast.world.read_concept` of its images folder), or None unless all have one."""
+    from dcfast.world import read_concept
+
+    concepts = [read_concept(t.images) for t in tasks]
+    return concepts if all(c is not None for c in concepts) else None
+
+
+def _load_oracle(config: EvalConfig):
+    from dcfast.oracle import ORACLE_FILE, load_oracle
+
+    return load_oracle(config.oracle or ORACLE_FILE).to(config.device)
+
+
 def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, features=None,
                   config: Optional[EvalConfig] = None, real_features: Optional[Dict[int, torch.Tensor]] = None,
-                  progress=None) -> TaskEval:
+                  progress=None, oracle=None) -> TaskEval:
     """Evaluate task state j = task_index on every concept i <= j (one column of the matrices).
 
     The trainer calls this after each task (`--eval_every_task`), passing its in-memory `pipe` and
@@ -172,7 +196,10 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
 
     prompts = candidate_prompts(tasks, task_index)
     cond = encode_prompts(pipe, prompts)
-    column = TaskEval(task_index, [], [], [] if is_clip else None, [], [])
+    concepts = world_concepts(tasks)
+    if concepts is not None and oracle is None:
+        oracle = _load_oracle(config)
+    column = TaskEval(task_index, [], [], [] if is_clip else None, [], [], [] if concepts is not None else None)
     for task in tasks[:task_index]:
         i = task.index
         real = _real_images(task, size, config)
@@ -184,11 +211,16 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
         column.seconds_per_image.append(result.seconds_per_image)
         column.unet_evals_per_image.append(result.unet_evals / real.shape[0])
         # MMD: same initial noise for concept i in every state, so grids show one sample evolving
-        generated = generate(pipe, task.prompt, config.num_images, num_inference_steps=config.num_inference_steps,
+        count = config.num_images if concepts is None else max(config.num_images, config.fidelity_images)
+        generated = generate(pipe, task.prompt, count, num_inference_steps=config.num_inference_steps,
                              guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(config.seed + i))
+        if concepts is not None:
+            from dcfast.oracle import fidelity, read_attributes
+
+            column.fidelity.append(fidelity(read_attributes(oracle, generated[:config.fidelity_images]), concepts[i - 1]))
         if i not in real_features:
             real_features[i] = features(real)
-        fake = features(generated)
+        fake = features(generated[:config.num_images])
         column.mmd.append(metrics.mmd2_unbiased(fake, real_features[i]))
         if column.i2i is not None:
             column.i2i.append(cosine_i2i(fake, real_features[i]))
@@ -260,18 +292,27 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     nan = torch.full((n, n), float("nan"), dtype=torch.float64)
     acc, mmd, sec = nan.clone(), nan.clone(), nan.clone()
     i2i = None
+    oracle, fid = None, None
+    if world_concepts(tasks) is not None:
+        from dcfast.world import ATTRIBUTES
+
+        oracle = _load_oracle(config)
+        fid = {name: nan.clone() for name in ("all",) + tuple(ATTRIBUTES)}
     samples, real_features = {}, {}
     with tqdm(total=n * (n + 1) // 2, desc="eval (state, concept)", disable=not config.progress) as bar:
         for j in range(1, n + 1):
             bar.set_postfix_str(f"state {j}/{n}")
             column = evaluate_task(run_dir, j, tasks=tasks, features=extractor, config=config,
-                                   real_features=real_features, progress=bar)
+                                   real_features=real_features, progress=bar, oracle=oracle)
             acc[:j, j - 1] = torch.tensor(column.accuracy, dtype=torch.float64)
             mmd[:j, j - 1] = torch.tensor(column.mmd, dtype=torch.float64)
             sec[:j, j - 1] = torch.tensor(column.seconds_per_image, dtype=torch.float64)
             if column.i2i is not None:
                 i2i = nan.clone() if i2i is None else i2i
                 i2i[:j, j - 1] = torch.tensor(column.i2i, dtype=torch.float64)
+            if fid is not None:
+                for name, m in fid.items():
+                    m[:j, j - 1] = torch.tensor([f[name] for f in column.fidelity], dtype=torch.float64)
             samples.update({(i, j): s for i, s in column.samples.items()})
     size = None
     real_samples = {}
@@ -286,9 +327,11 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start,
     })
+    if fid is not None:
+        summary.update(metrics.fidelity_summary(fid["all"], fid["shape"], fid["colour"]))
     task_info = [{"index": t.index, "token": t.token, "class_word": t.class_word, "prompt": t.prompt,
                   "class_prompt": class_prompt(t), "eval_split": "held-out" if t.eval_images is not None else "train"} for t in tasks]
     return EvalResult(run_dir=os.fspath(run_dir), method=method or label, features=extractor.name, tasks=task_info,
-                      accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary,
+                      accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary, fidelity=fid,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},
                       samples=samples, real_samples=real_samples)

@@ -4,7 +4,7 @@
 
     metrics.json            matrices (rows = concepts i, columns = task states j, null = unseen) and summary
     report.md               the same as tables, with the feature extractor named
-    accuracy.png, mmd.png   heatmaps (i2i.png with CLIP features)
+    accuracy.png, mmd.png   heatmaps (i2i.png with CLIP features; fidelity.png on world runs)
     grid_concept_{i}.png    real images, then the samples of concept i under every state j >= i
 
 `compare(run_dirs, out_dir)` reads each run's eval/metrics.json and writes compare.md, compare.json
@@ -123,6 +123,15 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
     for title, key in sections:
         if data.get(key) is not None:
             lines += ["", f"## {title}", "", _matrix_table(data[key])]
+    if data.get("fidelity") is not None:
+        lines += ["", "## Concept fidelity (tiny world, judged by the oracle)", "",
+                  "| final fidelity | BwT-fidelity (− = forgetting) | forgetting (first N−1) | final shape-only | "
+                  "final colour-only |", "|---|---|---|---|---|",
+                  "| " + " | ".join(_fmt(s.get(k)) for k in ("final_fidelity", "bwt_fidelity", "fidelity_forgetting",
+                                                           "final_shape_fidelity", "final_colour_fidelity")) + " |"]
+        for name, matrix in data["fidelity"].items():
+            label = "all defining attributes" if name == "all" else f"{name} only"
+            lines += ["", f"### F[i, j]: {label}", "", _matrix_table(matrix, digits=3)]
     lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in images.items()]
     return "\n".join(lines) + "\n"
 
@@ -136,6 +145,9 @@ def write_report(result, out_dir: Optional[str] = None) -> Dict[str, str]:
               "mmd": _heatmap(data["mmd"], f"MMD² M[i, j]\n{data['features']}", os.path.join(out_dir, "mmd.png"), "magma_r")}
     if data["i2i"] is not None:
         images["i2i"] = _heatmap(data["i2i"], "CLIP I2I", os.path.join(out_dir, "i2i.png"), "viridis")
+    if data.get("fidelity") is not None:
+        images["fidelity"] = _heatmap(data["fidelity"]["all"], "concept fidelity F[i, j] (oracle: all attributes)",
+                                      os.path.join(out_dir, "fidelity.png"), "viridis")
     for task in result.tasks:
         i = task["index"]
         images[f"grid_concept_{i}"] = _grid(result, i, os.path.join(out_dir, f"grid_concept_{i}.png"))
@@ -159,7 +171,8 @@ def load_metrics(run_dir: str) -> dict:
     return data
 
 
-COMPARE_COLUMNS = (("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final accuracy"),
+COMPARE_COLUMNS = (("final_fidelity", "final fidelity"), ("fidelity_forgetting", "fidelity forgetting"),
+                   ("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final accuracy"),
                    ("forgetting", "forgetting"), ("train_seconds", "train s"), ("seconds_per_image", "DC s/image"))
 
 
