@@ -1,13 +1,16 @@
-// CUDA backend of dcfast::fisher_accumulate_: torch glue around the launcher in cuda/fisher_kernel.cu.
+// CUDA backend of dcfast::fisher_accumulate_: torch glue around the launchers in cuda/fisher_kernel.cu.
+// The workspace of the split plans comes from torch's caching allocator on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "../checks.h"
 
-extern "C" cudaError_t dcfast_fisher_accumulate_cuda(float* fisher, const void* grad_output, const void* input,
-                                                      int dtype, int64_t N, int64_t R, int64_t O, int64_t I,
-                                                      cudaStream_t stream);
+extern "C" int64_t dcfast_fisher_plan(int64_t N, int64_t R, int64_t O, int64_t I, int64_t* groups, int64_t* splits,
+                                      cudaError_t* error);
+extern "C" cudaError_t dcfast_fisher_accumulate_cuda(float* fisher, float* workspace, const void* grad_output,
+                                                      const void* input, int dtype, int64_t N, int64_t R, int64_t O,
+                                                      int64_t I, int64_t groups, int64_t splits, cudaStream_t stream);
 
 namespace dcfast {
 namespace {
@@ -29,10 +32,20 @@ void fisher_accumulate_cuda(const at::Tensor& fisher, const at::Tensor& grad_out
   const c10::cuda::CUDAGuard guard(fisher.device());
   const auto g = grad_output.contiguous();
   const auto x = input.contiguous();
-  const cudaError_t err = dcfast_fisher_accumulate_cuda(fisher.data_ptr<float>(), g.const_data_ptr(), x.const_data_ptr(),
-                                                        code, g.size(0), g.size(1), g.size(2), x.size(2),
-                                                        c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dcfast.fisher_accumulate_: CUDA kernel failed: ", cudaGetErrorString(err));
+  const int64_t N = g.size(0), R = g.size(1), O = g.size(2), I = x.size(2);
+  int64_t groups = 1, splits = 1;
+  cudaError_t err = cudaSuccess;
+  const int64_t workspace_floats = dcfast_fisher_plan(N, R, O, I, &groups, &splits, &err);
+  TORCH_CHECK(workspace_floats >= 0, "dcfast.fisher_accumulate_: CUDA device query failed: ", cudaGetErrorString(err));
+  at::Tensor workspace;
+  if (workspace_floats > 0) workspace = at::empty({workspace_floats}, fisher.options());
+  err = dcfast_fisher_accumulate_cuda(fisher.mutable_data_ptr<float>(),
+                                      workspace_floats > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+                                      g.const_data_ptr(), x.const_data_ptr(), code, N, R, O, I, groups, splits,
+                                      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dcfast.fisher_accumulate_: CUDA kernel failed for grad_output ", g.sizes(),
+              ", input ", x.sizes(), " (plan: ", groups, " sample groups x ", splits, " row splits): ",
+              cudaGetErrorString(err));
 }
 
 }  // namespace
