@@ -13,6 +13,8 @@ from typing import Dict
 
 import torch
 
+OPS = ("dc_error", "dc_error_backward", "fisher_accumulate_")
+
 _C_LOADED = False
 _C_ERROR = ""
 try:
@@ -21,6 +23,10 @@ try:
     _C_LOADED = True
 except ImportError as error:  # built without the extension, or a broken build
     _C_ERROR = str(error)
+
+# Which ops got a CUDA kernel from `_C` itself (CUDA C++), read before dcfast.ops registers Triton
+# kernels for the ops that lack one: afterwards the dispatcher cannot tell the two apart.
+_CUDA_CPP = {op: _C_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"dcfast::{op}", "CUDA") for op in OPS}
 
 _WARNED = False
 
@@ -55,9 +61,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def cuda_cpp_ops() -> Dict[str, bool]:
+    """{op: whether `_C` brought a CUDA C++ kernel for it} (Triton registrations do not count)."""
+    return dict(_CUDA_CPP)
+
+
 def backend_info() -> Dict[str, object]:
-    """Which backends are live in this process, for logs and bug reports."""
-    cuda_cpp = has_kernel("dc_error", "CUDA")
+    """Which backends are live in this process, for logs and bug reports. 'cuda' is 'cuda-c++' only
+    when `_C` brought CUDA C++ kernels for every op."""
+    cuda_cpp = all(_CUDA_CPP.values())
     return {
         "torch": torch.__version__,
         "extension": _C_LOADED,

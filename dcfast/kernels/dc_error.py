@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dcfast.kernels._launch import device_guard
+
 _LOSS_CODE = {"l2": 0, "l1": 1, "huber": 2}
 _MAX_TILE = 1024  # elements per program tile (BLOCK_R * BLOCK_D): 4 warps x 8 fp32 registers x 32 lanes
 
@@ -91,6 +93,8 @@ def _check(pred: torch.Tensor, noise: torch.Tensor, loss: str) -> None:
             f"dcfast.dc_error: pred must be (B, K, T, D) and noise (B, T, D); got pred {tuple(pred.shape)}, "
             f"noise {tuple(noise.shape)}"
         )
+    if pred.device != noise.device:
+        raise ValueError(f"dcfast.dc_error: pred and noise must be on one device, got {pred.device} and {noise.device}")
     if pred.dtype != noise.dtype or pred.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dcfast.dc_error: pred and noise must share a float32/16 or bfloat16 dtype, got "
                         f"{pred.dtype} and {noise.dtype}")
@@ -113,10 +117,11 @@ def dc_error_forward(pred: torch.Tensor, noise: torch.Tensor, loss: str, huber_d
     if n_rows == 0:
         return err
     block_r, block_d = _blocks(n_rows, D)
-    _dc_error_fwd[(triton.cdiv(n_rows, block_r),)](
-        pred, noise, err, n_rows, K * T, T, D, float(huber_delta),
-        LOSS=_LOSS_CODE[loss], BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with device_guard(pred):
+        _dc_error_fwd[(triton.cdiv(n_rows, block_r),)](
+            pred, noise, err, n_rows, K * T, T, D, float(huber_delta),
+            LOSS=_LOSS_CODE[loss], BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return err
 
 
@@ -135,8 +140,9 @@ def dc_error_backward(grad_err: torch.Tensor, pred: torch.Tensor, noise: torch.T
     if n_rows == 0 or D == 0:
         return grad_pred
     block_r, block_d = _blocks(n_rows, D)
-    _dc_error_bwd[(triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))](
-        grad_err, pred, noise, grad_pred, n_rows, K * T, T, D, float(huber_delta),
-        LOSS=_LOSS_CODE[loss], BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with device_guard(pred):
+        _dc_error_bwd[(triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))](
+            grad_err, pred, noise, grad_pred, n_rows, K * T, T, D, float(huber_delta),
+            LOSS=_LOSS_CODE[loss], BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return grad_pred
