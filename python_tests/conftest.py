@@ -7,16 +7,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # python_tests/toy_runs.py: `import toy_runs`
 
-from dcfast.models import tiny_scheduler, tiny_unet
 
-
+# dcfast.models imports diffusers: loaded by the fixtures that need it, so the op tests (python_tests/ops)
+# run where only torch (and triton) are installed, as in CI's CUDA-build venv and on a bare GPU machine.
 @pytest.fixture(scope="session")
 def unet():
+    from dcfast.models import tiny_unet
+
     return tiny_unet(seed=0)
 
 
 @pytest.fixture(scope="session")
 def scheduler():
+    from dcfast.models import tiny_scheduler
+
     return tiny_scheduler()
 
 

@@ -23,6 +23,11 @@ SHAPES = {  # (B, K, T, D)
     "B1-K4-T3-D1100": (1, 4, 3, 1100),  # D spans two Triton chunks (1024) and is no multiple of 256 threads
     "B3-K1-T2-D33": (3, 1, 2, 33),
     "B2-K2-T1-D257": (2, 2, 1, 257),
+    # CUDA C++ layouts: a warp per row with 128-bit loads (D % 8 == 0, 12 rows: a partly filled block),
+    # the whole block per row (D > 4096) with and without 128-bit loads.
+    "B2-K3-T2-D64": (2, 3, 2, 64),
+    "B1-K2-T3-D4104": (1, 2, 3, 4104),
+    "B1-K1-T2-D4099": (1, 1, 2, 4099),
 }
 # Gradients are written in the input dtype: rtol and atol relative to the largest expected entry.
 GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -39,7 +44,9 @@ needs_triton = pytest.mark.skipif(not _backend.triton_available(), reason="trito
 _INTERPRET_CHILD = """
 import sys, traceback, torch
 from dcfast.kernels import dc_error as kernels
-out = {}
+guarded, guard = [], kernels.device_guard
+kernels.device_guard = lambda t: guarded.append(str(t.device)) or guard(t)
+out = {"guarded": guarded}
 for key, (pred, noise, grad_err, loss, delta) in torch.load(sys.argv[1]).items():
     try:
         out[key] = (kernels.dc_error_forward(pred, noise, loss, delta),
@@ -97,6 +104,12 @@ def _via_launchers(kernels):
     return run
 
 
+@needs_triton
+def test_triton_launches_under_the_device_guard(interpreted_outputs):
+    """Both launchers (forward, backward) of every case enter the guard of pred's device."""
+    assert interpreted_outputs["guarded"] == ["cpu"] * (2 * (len(interpreted_outputs) - 1))
+
+
 def _via_saved(outputs, shape, dtype):
     """The child process's launcher outputs for the same (deterministic) inputs."""
 
@@ -120,7 +133,7 @@ def _check_against_reference(run, shape, loss, dtype, device):
 
     assert err.dtype == torch.float32 and err.shape == shape[:3]
     # errors accumulate in fp32 (or wider) from the same input values, whatever the input dtype
-    torch.testing.assert_close(err, ref_err.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(err, ref_err.detach(), rtol=1e-5, atol=1e-6 * ref_err.abs().max().item())
     rtol, atol = GRAD_TOL[dtype]
     for name, got, want in (("pred", grad_pred, ref_pred.grad), ("noise", grad_noise, ref_noise.grad)):
         assert got.dtype == dtype and got.shape == want.shape, name
@@ -174,6 +187,58 @@ def test_cuda_matches_reference(backend, loss, dtype, shape):
 
         run = _via_launchers(triton_kernels)
     _check_against_reference(run, shape, loss, dtype, "cuda")
+
+
+def test_float64_on_cuda_runs_the_reference(monkeypatch):
+    """The CUDA kernels take float32/16 and bfloat16 only: float64 CUDA tensors go to the reference
+    even where a CUDA kernel is registered; the C++ CPU kernel keeps float64."""
+    face = sys.modules["dcfast.ops.dc_error"]  # the module (dcfast.ops.dc_error is also the function's name)
+    monkeypatch.setattr(face, "_has_kernel", lambda device_type: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not face._uses_op(cuda, torch.float64)
+    assert all(face._uses_op(cuda, dtype) for dtype in ALL_DTYPES)
+    assert face._uses_op(cpu, torch.float64)
+
+
+@needs_cuda
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_float64_matches_reference(loss):
+    pred, noise, grad_err = _inputs((2, 3, 4, 5), torch.float64, "cuda")
+    run = _via_autograd(dc_error)
+    err, grad_pred, grad_noise = run(pred, noise, loss, grad_err)
+    ref_pred, ref_noise = pred.clone().requires_grad_(), noise.clone().requires_grad_()
+    ref_err = dc_error_reference(ref_pred, ref_noise, loss, DELTA)
+    ref_err.backward(grad_err)
+    torch.testing.assert_close(err, ref_err)
+    torch.testing.assert_close(grad_pred, ref_pred.grad)
+    torch.testing.assert_close(grad_noise, ref_noise.grad)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda-op", "cuda-triton"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=[str(d)[6:] for d in ALL_DTYPES])
+def test_cuda_unaligned_inputs(backend, dtype):
+    """Views that start one element into their storage: no 16-byte alignment, so no 128-bit loads."""
+    shape = SHAPES["B2-K3-T2-D64"]
+    pred, noise, grad_err = _inputs(shape, dtype, "cuda")
+    pred = torch.cat([pred.new_zeros(1), pred.flatten()])[1:].view(shape)
+    noise = torch.cat([noise.new_zeros(1), noise.flatten()])[1:].view(noise.shape)
+    assert pred.data_ptr() % 16 and noise.data_ptr() % 16
+    if backend == "cuda-op":
+        run = _via_autograd(torch.ops.dcfast.dc_error)
+    else:
+        if not _backend.triton_available():
+            pytest.skip("triton not installed")
+        from dcfast.kernels import dc_error as triton_kernels
+
+        run = _via_launchers(triton_kernels)
+    err, grad_pred, _ = run(pred, noise, "huber", grad_err)
+    ref_pred = pred.float().requires_grad_()
+    ref_err = dc_error_reference(ref_pred, noise.float(), "huber", DELTA)
+    ref_err.backward(grad_err)
+    torch.testing.assert_close(err, ref_err.detach(), rtol=1e-5, atol=1e-6 * ref_err.abs().max().item())
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(grad_pred.float(), ref_pred.grad, rtol=rtol, atol=atol * ref_pred.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("loss", LOSSES)
