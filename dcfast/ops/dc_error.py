@@ -50,19 +50,31 @@ def _check(pred: torch.Tensor, noise: torch.Tensor, loss: str, huber_delta: floa
         raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
 
 
+# The CUDA kernels (CUDA C++ and Triton) take these; float64 on CUDA runs the reference instead. The C++
+# CPU kernel takes float64 as well.
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; fixed once dcfast is imported
-def _uses_op(device: torch.device) -> bool:
-    return _backend.has_kernel(OP, "CPU" if device.type == "cpu" else "CUDA")
+def _has_kernel(device_type: str) -> bool:
+    return _backend.has_kernel(OP, "CPU" if device_type == "cpu" else "CUDA")
+
+
+def _uses_op(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether pred of this device and dtype goes to the compiled op (else the torch reference)."""
+    if device.type != "cpu" and dtype not in CUDA_DTYPES:
+        return False
+    return _has_kernel(device.type)
 
 
 def dc_error(pred: torch.Tensor, noise: torch.Tensor, loss: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:
     """DC errors of pred (B, K, T, D) against noise (B, T, D) -> (B, K, T) float32, differentiable.
 
     Runs the compiled kernel of pred's device when there is one (C++ on CPU; CUDA C++ or Triton on
-    CUDA), else the torch reference.
+    CUDA, float32/16 and bfloat16), else the torch reference (float64 on CUDA, for one).
     """
     _check(pred, noise, loss, huber_delta)
-    if _uses_op(pred.device):
+    if _uses_op(pred.device, pred.dtype):
         return torch.ops.dcfast.dc_error(pred, noise, loss, float(huber_delta))
     if not torch.compiler.is_compiling():  # warnings.warn would break a fullgraph trace
         _backend.warn_if_reference_only()

@@ -7,6 +7,12 @@ G_n = grad_output[n] (R, O), G_n^T X_n is sample n's weight gradient: the op add
 per-sample gradients into a persistent float32 buffer without ever writing them to memory. R counts
 every row of a sample (tokens, and several model evaluations: K*T rows per image for the DC loss).
 Mutates `fisher` only; no autograd (the Fisher is a statistic, not part of a loss graph).
+
+On CUDA, LoRA-shaped layers take `fisher_accumulate_bmm_` instead of the fused kernel: their per-sample
+gradients (N x O x I floats, a few MB) are smaller than the rows that produce them, so writing them
+once costs little, and cuBLAS's batched GEMM runs on tensor cores (16-bit inputs into float32
+outputs), where the fused kernel uses float32 FMAs. Estimate in benchmarks/RESULTS.md ("Fisher
+roofline"); the GPU measurement that confirms or moves the boundary is pending.
 """
 from __future__ import annotations
 
@@ -22,6 +28,32 @@ def _square_sum(grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     compute = torch.float64 if input.dtype == torch.float64 else torch.float32
     per_sample = torch.einsum("nro,nri->noi", grad_output.to(compute), input.to(compute))
     return per_sample.square().sum(0)
+
+
+# Per-sample gradients up to 16M floats (64 MiB) may be written by the bmm path (SD 1.5's largest LoRA
+# layer, d=1280 r=64 at N=16, needs 1.3M).
+BMM_MAX_FLOATS = 1 << 24
+
+
+def uses_bmm(device: torch.device, N: int, R: int, O: int, I: int) -> bool:
+    """Whether the public op sends this (N, R, O, I) problem to `fisher_accumulate_bmm_`: on CUDA, when the
+    per-sample gradients (N*O*I floats) are no larger than the rows they come from (N*R*(O+I)) and
+    under BMM_MAX_FLOATS. Elsewhere (large layers, few rows; CPU) the fused kernel never writes them."""
+    return device.type == "cuda" and N * O * I <= min(BMM_MAX_FLOATS, N * R * (O + I))
+
+
+def fisher_accumulate_bmm_(fisher: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """fisher += sum_n (grad_output[n]^T input[n])^2 through one batched GEMM into float32 per-sample
+    gradients (N, O, I), squared and summed over n in a fixed order (deterministic). 16-bit inputs on
+    CUDA stay 16-bit for the GEMM (tensor cores, float32 accumulation and output); elsewhere they are
+    widened first (CPU GEMMs on 16-bit types round their output to 16 bits)."""
+    g = grad_output.transpose(1, 2)
+    if fisher.is_cuda and input.dtype in (torch.float16, torch.bfloat16):
+        per_sample = torch.bmm(g, input, out_dtype=torch.float32)
+    else:
+        compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+        per_sample = torch.bmm(g.to(compute), input.to(compute))
+    return fisher.add_(per_sample.square_().sum(0))
 
 
 def fisher_accumulate_reference(fisher: torch.Tensor, grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -70,12 +102,16 @@ def fisher_accumulate_(fisher: torch.Tensor, grad_output: torch.Tensor, input: t
     """fisher (O, I) float32 += sum_n (grad_output[n]^T input[n])^2, in place; returns fisher.
 
     grad_output (N, R, O) and input (N, R, I) share a dtype (float32, float16 or bfloat16; float64 is
-    summed in float64 by the reference, then stored); sums are float32. Runs the compiled kernel of
-    the device when there is one (C++ on CPU; CUDA C++ or Triton on CUDA), else the torch reference.
+    summed in float64 by the reference, then stored); sums are float32. On CUDA, LoRA shapes run
+    `fisher_accumulate_bmm_` (see `uses_bmm`); otherwise the compiled kernel of the device when there
+    is one (C++ on CPU; CUDA C++ or Triton on CUDA), else the torch reference. Every path gives the
+    same bits on every run (no atomics), so torch.use_deterministic_algorithms(True) holds.
     """
     _check(fisher, grad_output, input)
     if input.dtype == torch.float64:
         fisher.add_(_square_sum(grad_output, input))
+    elif uses_bmm(fisher.device, *grad_output.shape, input.shape[2]):
+        fisher_accumulate_bmm_(fisher, grad_output, input)
     elif _uses_op(fisher.device):
         torch.ops.dcfast.fisher_accumulate_(fisher, grad_output, input)
     else:
