@@ -1,4 +1,4 @@
-"""`dcfast eval`: evaluate a run (accuracy, MMD, I2I matrices) and write its report; compare runs.
+"""`dcfast eval`: evaluate a run (accuracy, MMD, I2I and, on world runs, fidelity matrices) and write its report.
 
     dcfast eval --run OUTPUT_DIR [--features PATH] [--num_images M] [--compare RUN ...]
 
@@ -26,12 +26,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `eval` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser("eval", help="evaluate a continual-personalization run and write its report",
                               description="Accuracy, MMD (and CLIP I2I) matrices of every task state, AMMD, BwT-MMD, "
-                                          "forgetting; writes OUTPUT_DIR/eval/ (metrics.json, report.md, PNGs).")
+                                          "forgetting; on tiny-world runs also the concept-fidelity matrices judged "
+                                          "by the oracle (final fidelity, BwT, forgetting); writes OUTPUT_DIR/eval/ "
+                                          "(metrics.json, report.md, PNGs).")
     p.add_argument("--run", required=True, help="the run's output_dir (holds task_1/ ... task_N/)")
     p.add_argument("--features", default=None,
                    help="local CLIP vision model dir, an SD 1.x safety_checker/ folder or SD 1.x root; "
                         "default: the deterministic random-conv features (named in the report)")
     p.add_argument("--num_images", type=int, default=8, help="generated images per (concept, task state) for MMD")
+    p.add_argument("--fidelity_images", type=int, default=32,
+                   help="world runs: generated images per (concept, task state) the oracle judges")
     p.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps for generation")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--max_eval_images", type=int, default=8, help="cap on real held-out images per concept (0: all)")
@@ -55,7 +59,8 @@ def _evaluate_and_report(run_dir: str, args) -> dict:
 
     config = EvalConfig(num_images=args.num_images, num_inference_steps=args.num_inference_steps,
                         guidance_scale=args.guidance_scale, max_eval_images=args.max_eval_images or None,
-                        stages=args.stages, seed=args.seed, device=args.device, progress=not args.quiet)
+                        stages=args.stages, seed=args.seed, device=args.device, progress=not args.quiet,
+                        fidelity_images=args.fidelity_images)
     result = evaluate(run_dir, features=args.features, num_images=args.num_images, config=config)
     paths = write_report(result)
     print(f"{run_dir}: report {paths['report']}")

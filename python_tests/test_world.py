@@ -153,16 +153,29 @@ def test_missing_base_model_names_the_script(tmp_path):
 
 # --- a tiny world run end to end ------------------------------------------------------------------------
 
-def test_tiny_world_run_reports_fidelity(tmp_path):
-    """Two world tasks on the in-code tiny model: fidelity matrices, their summaries, heatmap and table."""
-    from dcfast.demo import DemoConfig, run_demo
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
     from dcfast.models import tiny
 
-    model = tmp_path / "model"
-    tiny(seed=0).save_pretrained(model)
-    config = DemoConfig(output_dir=str(tmp_path / "demo"), methods=["lora"], sequence="same-class-val", num_tasks=2,
-                        max_train_steps=2, num_train_images=2, num_eval_images=2, num_images=2,
-                        num_inference_steps=2, base_model=str(model), progress=False)
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny(seed=0).save_pretrained(path)
+    return path
+
+
+def tiny_config(model, output_dir, **changes):
+    from dcfast.demo import DemoConfig
+
+    values = dict(output_dir=str(output_dir), methods=["lora"], sequence="same-class-val", num_tasks=2,
+                  max_train_steps=2, num_train_images=2, num_eval_images=2, num_images=2, num_inference_steps=2,
+                  base_model=str(model), progress=False)
+    return DemoConfig(**{**values, **changes})
+
+
+def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
+    """Two world tasks on the in-code tiny model: fidelity matrices, their summaries, heatmap and table."""
+    from dcfast.demo import run_demo
+
+    config = tiny_config(tiny_model, tmp_path / "demo")
     result = run_demo(config, log=lambda line: None)
     eval_dir = Path(result["runs"][0]["run_dir"]) / "eval"
     data = json.loads((eval_dir / "metrics.json").read_text())
@@ -178,3 +191,18 @@ def test_tiny_world_run_reports_fidelity(tmp_path):
     with Image.open(eval_dir / "fidelity.png") as image:
         image.verify()
     assert "final fidelity" in result["table"]
+
+
+def test_bench_world_reports_concept_one_from_the_fidelity_matrix(tmp_path, tiny_model):
+    from dcfast.bench import world as bench_world
+
+    result = bench_world.run(seeds=2, output_dir=str(tmp_path / "bench"), config=tiny_config(tiny_model, tmp_path))
+    rows = result["rows"]
+    assert [r["seed"] for r in rows] == [0, 1] and all(r["run_dir"].startswith(str(tmp_path / "bench")) for r in rows)
+    first_rows = [r["fidelity"][0] for r in rows]
+    assert result["summary"]["state1_fidelity"] == pytest.approx(np.mean([f[0] for f in first_rows]))
+    assert result["summary"]["lora_forgetting"] == pytest.approx(np.mean([f[0] - f[-1] for f in first_rows]))
+    saved = json.loads((tmp_path / "bench" / "world.json").read_text())
+    assert saved["sequence"] == "same-class-test" and saved["summary"] == pytest.approx(result["summary"])
+    with pytest.raises(ValueError, match="seeds"):
+        bench_world.run(seeds=0)
