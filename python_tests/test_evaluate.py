@@ -33,8 +33,13 @@ def test_accuracy_matrix_beats_chance(tmp_path):
 def test_forgetting_shows_in_bwt(tmp_path):
     stable = evaluate(toy_runs.make_run(str(tmp_path / "a")), num_images=4, config=FAST)
     forgetful = evaluate(toy_runs.make_run(str(tmp_path / "b"), forget=0.6), num_images=4, config=FAST)
-    assert abs(stable.summary["bwt_mmd"]) < 1e-9  # same model for concept 1 in both states
-    assert forgetful.summary["bwt_mmd"] > 0
+    # Same model for concept 1 in both states: BwT is zero up to float32 rounding of the features, which
+    # varies with the CPU's SIMD paths (seen: 8e-10, 1.8e-9; MMD^2 ~1e-4 is a small difference of kernel
+    # terms ~1, so that rounding is ~1e-7 at worst). Bounds relative to the forgetting signal (~0.2) and
+    # to the stable run's own MMD values.
+    scale = max(abs(v) for v in stable.mmd.flatten().tolist() if not math.isnan(v))
+    assert forgetful.summary["bwt_mmd"] > 100 * scale
+    assert abs(stable.summary["bwt_mmd"]) <= 1e-5 * forgetful.summary["bwt_mmd"], stable.summary["bwt_mmd"]
     assert forgetful.mmd[0, 1] > forgetful.mmd[0, 0]
 
 
