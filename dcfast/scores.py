@@ -123,9 +123,26 @@ def _row_batches(B: int, K: int, T: int, max_batch: int, device: torch.device):
 
 
 def _unet_rows(unet, inputs: DCInputs, cond: torch.Tensor, b, k, j) -> torch.Tensor:
-    """U-Net noise predictions for the given rows, flattened to (rows, C*H*W)."""
-    out = unet(inputs.x_t(b, j), inputs.timesteps[b, j], encoder_hidden_states=cond.index_select(0, k), return_dict=False)[0]
-    return out.reshape(out.shape[0], -1)
+    """U-Net noise predictions (rows, C, H, W) for the given rows, in the U-Net's dtype and memory format."""
+    return unet(inputs.x_t(b, j), inputs.timesteps[b, j], encoder_hidden_states=cond.index_select(0, k),
+                return_dict=False)[0]
+
+
+def _as_rows(out: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """U-Net output (rows, C, H, W) as contiguous (rows, C*H*W) rows in `dtype`, with at most one copy.
+
+    Under autocast the U-Net returns bf16/fp16 while the noise is fp32, and a channels_last U-Net returns
+    channels_last tensors (no `.view` of those): one `copy_` converts dtype and layout together, into
+    `into` when given (a slice of the engine's preallocated buffer). No copy at all when the output is
+    already contiguous in `dtype` and no buffer is given. Differentiable (copy_ records the graph).
+    """
+    rows = out.shape[0]
+    if into is None:
+        if out.dtype == dtype and out.is_contiguous():
+            return out.view(rows, -1)
+        into = torch.empty((rows, out[0].numel()), device=out.device, dtype=dtype)
+    into.view(out.shape).copy_(out)
+    return into
 
 
 def _resolve_max_batch(max_batch: Optional[int], total: int, device: torch.device) -> int:
@@ -179,10 +196,21 @@ def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Op
     device = inputs.x0.device
 
     def run(chunk: int) -> torch.Tensor:
-        preds = [_unet_rows(unet, inputs, cond, b, k, j) for b, k, j in _row_batches(B, K, T, chunk, device)]
-        # Under autocast the U-Net returns bf16/fp16 while the noise is fp32: compare in the noise's dtype.
-        pred = torch.cat(preds).view(B, K, T, -1).to(inputs.noise.dtype)
-        return dc_error(pred, inputs.noise.reshape(B, T, -1), loss, huber_delta)
+        # Compare in the noise's dtype. Each chunk's output is written once into one preallocated buffer
+        # (dtype and layout converted in that copy) that the fused kernel then reads once: no torch.cat
+        # followed by a second full copy for the cast.
+        dtype, total = inputs.noise.dtype, B * K * T
+        if chunk >= total:
+            b, k, j = next(_row_batches(B, K, T, total, device))
+            pred = _as_rows(_unet_rows(unet, inputs, cond, b, k, j), dtype)
+        else:
+            pred = None
+            for start, (b, k, j) in zip(range(0, total, chunk), _row_batches(B, K, T, chunk, device)):
+                out = _unet_rows(unet, inputs, cond, b, k, j)
+                if pred is None:
+                    pred = torch.empty((total, out[0].numel()), device=device, dtype=dtype)
+                _as_rows(out, dtype, pred[start:start + out.shape[0]])
+        return dc_error(pred.view(B, K, T, -1), inputs.noise.reshape(B, T, -1), loss, huber_delta)
 
     return _with_oom_retry(run, _resolve_max_batch(max_batch, B * K * T, device), max_batch is not None)
 
@@ -237,7 +265,7 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
     chunk = _resolve_max_batch(max_batch, B * K * T, x0.device)
     with torch.enable_grad():
         for b, k, j in _row_batches(B, K, T, chunk, x0.device):
-            pred = _unet_rows(unet, inputs, cond_leaf, b, k, j).to(noise_rows.dtype)
+            pred = _as_rows(_unet_rows(unet, inputs, cond_leaf, b, k, j), noise_rows.dtype)
             rows = pred.shape[0]
             chunk_err = dc_error(pred.view(1, 1, rows, -1), noise_rows[b * T + j].view(1, rows, -1), loss, huber_delta)
             chunk_err.backward(grad_err[b, k, j].view(1, 1, rows))
