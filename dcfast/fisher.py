@@ -58,6 +58,7 @@ class _Partial:
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     rows: int = 0
+    scale2: float = 1.0  # 1/loss_scale**2, applied to the squares
 
 
 @dataclass
@@ -239,9 +240,10 @@ class FisherAccumulator:
         layer_state = state.layers[id(layer)]
         per_sample = self._rows_per_sample(state, layer, layer_state, call)
         x, call.input = call.input, None
+        # Gradients stay as they arrive: 1/loss_scale is applied as loss_scale**-2 to the float32 squares.
+        # Scaling fp16 gradients by 1/loss_scale (2**-16 under a GradScaler) would flush small entries
+        # to zero before they are ever squared.
         g = grad.detach().reshape(call.rows, grad.shape[-1])
-        if state.grad_scale != 1.0:
-            g = g * state.grad_scale
         if g.dtype != x.dtype:
             common = torch.promote_types(g.dtype, x.dtype)
             g, x = g.to(common), x.to(common)
@@ -251,20 +253,26 @@ class FisherAccumulator:
         offset, rows = call.offset, call.rows
         head = min(rows, -offset % per_sample)
         tail = head + (rows - head) // per_sample * per_sample
+        scale2 = state.grad_scale ** 2
         if head:
-            self._add_piece(layer, layer_state, offset // per_sample, g[:head], x[:head], per_sample)
+            self._add_piece(layer, layer_state, offset // per_sample, g[:head], x[:head], per_sample, scale2)
         if tail > head:
             whole_g = g[head:tail].view(-1, per_sample, g.shape[-1])
             if layer.weight is not None:
-                fisher_accumulate_(self.fisher[layer.weight], whole_g, x[head:tail].view(-1, per_sample, x.shape[-1]))
+                whole_x = x[head:tail].view(-1, per_sample, x.shape[-1])
+                target = self.fisher[layer.weight]
+                if scale2 == 1.0:
+                    fisher_accumulate_(target, whole_g, whole_x)
+                else:
+                    target.add_(fisher_accumulate_(torch.zeros_like(target), whole_g, whole_x), alpha=scale2)
             if layer.bias is not None:
-                self.fisher[layer.bias].add_(_wide(whole_g).sum(1).square().sum(0))
+                self.fisher[layer.bias].add_(_wide(whole_g).sum(1).square().sum(0), alpha=scale2)
         if tail < rows:
-            self._add_piece(layer, layer_state, (offset + tail) // per_sample, g[tail:], x[tail:], per_sample)
+            self._add_piece(layer, layer_state, (offset + tail) // per_sample, g[tail:], x[tail:], per_sample, scale2)
 
     def _add_piece(self, layer: _Layer, layer_state: _LayerTrack, sample: int, g: torch.Tensor, x: torch.Tensor,
-                   per_sample: int) -> None:
-        piece = layer_state.partial.setdefault(sample, _Partial(None, None))
+                   per_sample: int, scale2: float) -> None:
+        piece = layer_state.partial.setdefault(sample, _Partial(None, None, scale2=scale2))
         if layer.weight is not None:
             w = _wide(g).t() @ _wide(x)
             piece.weight = w if piece.weight is None else piece.weight.add_(w)
@@ -277,9 +285,9 @@ class FisherAccumulator:
 
     def _fold_partial(self, layer: _Layer, piece: _Partial) -> None:
         if piece.weight is not None:
-            self.fisher[layer.weight].add_(piece.weight.square())
+            self.fisher[layer.weight].add_(piece.weight.square(), alpha=piece.scale2)
         if piece.bias is not None:
-            self.fisher[layer.bias].add_(piece.bias.square())
+            self.fisher[layer.bias].add_(piece.bias.square(), alpha=piece.scale2)
 
     # -- online EWC ----------------------------------------------------------------------------------
 

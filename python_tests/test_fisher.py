@@ -313,6 +313,28 @@ def test_mlp_bfloat16_close():
     assert rel_err(acc.fisher, want) <= 0.1
 
 
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole-samples", "split-samples"])
+def test_float16_loss_scale_keeps_small_gradients(chunk):
+    """A GradScaler-style loss scale (L = 2**16 * sum_n loss_n) on fp16 gradients: the true per-sample
+    output gradients (~1e-8..1e-7) are below fp16's normal range, so dividing the fp16 gradients by
+    the scale would flush or round them before squaring; the accumulator scales the float32 squares
+    instead. Whole samples (fused op) and samples split over calls (summed pieces) alike."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6, bias=True).half()
+    x = torch.randn(4, 5, 8).half()
+    scaled_grad = (torch.rand(4, 5, 6) * 0.009 + 0.001).half()  # d L / d output under the 2**16 scale
+    scale = 2.0 ** 16
+    acc = FisherAccumulator(layer, params=[layer.weight, layer.bias])
+    # chunks of 7 of the 20 token rows: samples of 5 rows straddle calls
+    forward = layer if chunk is None else (
+        lambda v: torch.cat([layer(v.reshape(20, 8)[i:i + chunk]) for i in range(0, 20, chunk)]).view(4, 5, 6))
+    with acc.track(num_samples=4, loss_scale=scale):
+        (forward(x) * scaled_grad).float().sum().backward()
+    g = scaled_grad.double() / scale  # the true per-sample output gradients
+    want = {"weight": torch.einsum("nro,nri->noi", g, x.double()).square().sum(0), "bias": g.sum(1).square().sum(0)}
+    assert rel_err(acc.fisher, want) <= 1e-5
+
+
 # -- EWC penalty, persistence, distributed ------------------------------------------------------------
 
 
