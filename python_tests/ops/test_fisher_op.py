@@ -272,7 +272,22 @@ def _cuda_run(backend):
         pytest.skip("triton not installed")
     from dcfast.kernels import fisher as triton_kernels
 
-    return triton_kernels.fisher_accumulate_
+    if backend == "cuda-triton-autotuned":
+        return triton_kernels.fisher_accumulate_
+    # A fixed slab: autotuning compiles four configs per new (shape, dtype) key, minutes over this table.
+    return lambda f, g, x: triton_kernels.fisher_accumulate_(f, g, x, block_r=32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
+def test_cuda_triton_autotuned(dtype):
+    """The autotuned launch (the default on CUDA) on an SD 1.5 LoRA factor: tuning re-runs the kernel,
+    which must only store into its workspace (a second add into fisher would double it)."""
+    shape = CUDA_PLAN_SHAPES["rows-N16-R4096-O4-I320"]
+    fisher, grad_output, inp = _inputs(shape, dtype, "cuda")
+    got = fisher.clone()
+    _cuda_run("cuda-triton-autotuned")(got, grad_output, inp)
+    _assert_matches(got, fisher, grad_output, inp)
 
 
 @needs_cuda
