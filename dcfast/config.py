@@ -16,6 +16,9 @@ from dcfast.data import DEFAULT_PROMPT_TEMPLATE, check_image_folder
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DC_LOSSES = ("l2", "l1", "huber")
+DC_PUSH = ("spec", "complement", "none")  # EWC-DC's term for the concepts i != n of S (DESIGN 1)
+FISHER_NORMALIZE = ("mean", "none")
+DSC_TEACHER_POOL = ("before_distill", "after_distill")
 
 
 @dataclass
@@ -70,23 +73,56 @@ class TrainConfig:
 
     # DC scores (EWC-DC, DSC). Random (t, eps) pairs during training, as DESIGN 1 specifies.
     num_dc_timesteps: int = 4  # T pairs per image per step: 4 keeps a step ~k*T U-Net rows per image
-    num_dc_concepts: int = 4  # k: c_n, c_0 and up to k-2 earlier concepts; 4 bounds cost as tasks grow
-    temperature: float = 1.0  # tau: DC errors are O(1) per pixel, so tau = 1 gives non-degenerate softmaxes
+    num_dc_concepts: int = 4  # k = |S| (fewer while fewer concepts exist); 4 bounds cost as tasks grow. EWC-DC:
+    #   c_n, c_0 and k-2 earlier concepts. DSC: c_n, c_0, T2's c_m and k-3 other earlier ones; k = 2 is c_n, c_m
+    # tau: a number, or "auto": at each task's start, tau = auto_temperature_scale x the RMS over images, concepts
+    # k != n and (t, eps) pairs of err_k - err_n, measured once (no grad) with the model as the task finds it,
+    # on every image of the task, S as EWC-DC's Fisher uses it, num_dc_timesteps evenly strided pairs. The task's
+    # loss, Fisher and DSC distillation all use that tau; metrics.json records it. Provisional default "auto":
+    # tau = 1 gave near-uniform softmaxes on the first demo (p(c_n) ~ 1/K); to be confirmed on validation sequences.
+    temperature: Union[float, str] = "auto"
+    auto_temperature_scale: float = 1.0  # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1
     dc_loss: str = "l2"  # the DC error's per-pixel loss, as the denoising loss
     dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: engine default)
 
     # EWC / EWC-DC. The Fisher is a sum over the task's images of per-sample squared gradients.
-    ewc_lambda: float = 1e3  # lambda: penalty weight; Fisher sums over images are small for LoRA weights
+    # lambda: penalty weight, on the mean-normalised Fisher (fisher_normalize). Provisional 1, to be tuned on
+    # validation sequences: on the tiny test model (2 tasks x 30 steps, lr 1e-3) lambda = 1 raised task 2's mean
+    # loss by 1% over sequential LoRA, lambda = 1e3 by 78% (the penalty dominated). The old 1e3 on the raw
+    # Fisher (mean ~3e-7 there) was ~3e-4 in these units: next to no penalty.
+    ewc_lambda: float = 1.0
     gamma: float = 0.9  # online Fisher decay F <- gamma F + F_n (Schwarz et al.'s online EWC)
     delta: float = 0.1  # EWC-DC's DC-term weight: a tenth of the denoising loss keeps it a regulariser
+    # EWC-DC's term for the earlier concepts and c_0 (i != n): "spec" = the paper's -H(p, c_i), unbounded below
+    # (the loss falls as the U-Net predicts worse under c_i); "complement" = -log(1 - p(c_i)) (unlikelihood),
+    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Provisional default
+    # "complement" (bounded; "spec" drove the first demo's loss to -0.25 and its AMMD to 2x the others');
+    # to be confirmed on validation sequences.
+    dc_push: str = "complement"
+    dc_label_smoothing: float = 0.0  # eps: the pull is the cross-entropy against q_n = 1 - eps, q_i = eps/(|S|-1); 0 = spec
+    dc_c0_weight: float = 1.0  # weight of c_0's push term (earlier concepts' terms weigh 1); 1 = the spec's equal weights
     fisher_num_timesteps: int = 4  # (t, eps) pairs per image for the Fisher, evenly strided t
     fisher_batch_size: int = 4  # images per Fisher backward pass (a sample's rows never split)
+    # Each task's F_n is divided by its mean over all LoRA entries before the merge F <- gamma F + F_n / mean(F_n),
+    # so lambda means the same for EWC and EWC-DC: raw sums differ by orders of magnitude between the denoising
+    # and the DC loss (measured 120x at tau = 1, 1/100 at tau = 0.01), and change with tau, image count and T.
+    # With "mean", every task adds mean 1, gamma keeps its meaning (an old task weighs gamma^age), and the merged
+    # F has mean sum_age gamma^age <= 1/(1 - gamma). "none": the raw per-sample sums (DESIGN 1 as written).
+    fisher_normalize: str = "mean"
 
     # DSC (function-space consolidation after each task from the second on).
     dsc_alpha: float = 1.0  # alpha: weight of the two DC-score KL terms
     dsc_beta: float = 1.0  # beta: weight of the two noise-prediction terms
     dsc_iterations: int = 50  # M: distillation steps per task (a quarter of the default task steps)
     dsc_learning_rate: Optional[float] = None  # None: = learning_rate
+    # Which LoRA_n joins the pool of T2 teachers: "before_distill" = the task's trained LoRA, the spec's LoRA_n
+    # (the teacher that knows c_n best); "after_distill" = the consolidated student. Default: the spec's.
+    dsc_teacher_pool: str = "before_distill"
+    # DSC+EWC-DC: the EWC-DC penalty (lambda/2) sum F (theta - theta*)^2 (F and theta* of the tasks before n)
+    # also applies during the distillation steps. True: "keeps the EWC-DC penalty" (DESIGN 1) read as "whenever
+    # the LoRA is optimised"; distillation from one earlier teacher per step would otherwise be free to move
+    # weights important to the earlier concepts that teacher does not cover.
+    dsc_ewc_penalty: bool = True
 
     # C-LoRA.
     clora_lambda: float = 1e-3  # lambda of ||W_past (.) (B_n A_n)||^2: entries are products of small weights
@@ -195,15 +231,27 @@ def _problems(config: TrainConfig) -> List[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             found.append(f"{name}: must be an integer >= {low}, got {value!r}")
-    positive = ["learning_rate", "token_learning_rate", "temperature"] + (["dsc_learning_rate"] if config.dsc_learning_rate is not None else [])
+    positive = ["learning_rate", "token_learning_rate", "auto_temperature_scale"] + (
+        ["dsc_learning_rate"] if config.dsc_learning_rate is not None else [])
     for name in positive:
         if not _number(getattr(config, name)) or getattr(config, name) <= 0:
             found.append(f"{name}: must be a number > 0, got {getattr(config, name)!r}")
-    for name in ("ewc_lambda", "delta", "dsc_alpha", "dsc_beta", "clora_lambda", "max_grad_norm", "adam_weight_decay"):
+    if config.temperature != "auto" and (not _number(config.temperature) or config.temperature <= 0):
+        found.append(f"temperature: must be a number > 0 or 'auto', got {config.temperature!r}")
+    for name in ("ewc_lambda", "delta", "dsc_alpha", "dsc_beta", "clora_lambda", "max_grad_norm", "adam_weight_decay",
+                 "dc_c0_weight"):
         if not _number(getattr(config, name)) or getattr(config, name) < 0:
             found.append(f"{name}: must be a number >= 0, got {getattr(config, name)!r}")
     if not _number(config.gamma) or not 0 <= config.gamma <= 1:
         found.append(f"gamma: the Fisher decay must lie in [0, 1], got {config.gamma!r}")
+    if not _number(config.dc_label_smoothing) or not 0 <= config.dc_label_smoothing < 1:
+        found.append(f"dc_label_smoothing: must lie in [0, 1), got {config.dc_label_smoothing!r}")
+    for name, choices in (("dc_push", DC_PUSH), ("fisher_normalize", FISHER_NORMALIZE),
+                          ("dsc_teacher_pool", DSC_TEACHER_POOL)):
+        if getattr(config, name) not in choices:
+            found.append(f"{name}: {getattr(config, name)!r} is not one of {', '.join(choices)}")
+    if not isinstance(config.dsc_ewc_penalty, bool):
+        found.append(f"dsc_ewc_penalty: must be true or false, got {config.dsc_ewc_penalty!r}")
     if config.mixed_precision not in MIXED_PRECISION:
         found.append(f"mixed_precision: {config.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
     if config.dc_loss not in DC_LOSSES:

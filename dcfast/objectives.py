@@ -73,14 +73,61 @@ def dc_log_probs(unet, scheduler, x0: torch.Tensor, conds: torch.Tensor, timeste
     return torch.log_softmax(dc_logits(err, temperature).float(), dim=-1)
 
 
-def dc_term(log_probs: torch.Tensor, own: int = 0) -> torch.Tensor:
-    """EWC-DC's term sum_{i in S} (2*1[i=n] - 1) H(p, c_i), H = -log p(c_i), averaged over images.
+def dc_term(log_probs: torch.Tensor, push: str = "spec", smoothing: float = 0.0, c0_weight: float = 1.0) -> torch.Tensor:
+    """EWC-DC's DC term over S, averaged over images; columns of `log_probs` (B, K) are [c_n, c_0, earlier ...].
 
-    Column `own` is the task's concept c_n (pulled toward); every other column is pushed away.
+        pull = -sum_i q_i log p(c_i),  q_n = 1 - smoothing, q_i = smoothing / (K - 1)     (0: H(p, c_n))
+        push = sum_{i != n} w_i * { -H(p, c_i) = log p(c_i)          "spec": unbounded below
+                                  { -log(1 - p(c_i))                 "complement": >= 0
+                                  { 0                                "none"
+        w_{c_0} = c0_weight, w_i = 1 for the earlier concepts.
+
+    log(1 - p(c_i)) is logsumexp_{j != i} log p(c_j): exact and finite even where p(c_i) rounds to 1.
     """
-    signs = -torch.ones(log_probs.shape[1], device=log_probs.device, dtype=log_probs.dtype)
-    signs[own] = 1.0
-    return (signs * -log_probs).sum(-1).mean()
+    B, K = log_probs.shape
+    if K < 2:
+        raise ValueError(f"log_probs must hold c_n and c_0 at least, got shape {tuple(log_probs.shape)}")
+    q = torch.full((K,), smoothing / (K - 1), dtype=log_probs.dtype, device=log_probs.device)
+    q[0] = 1.0 - smoothing
+    pull = -(log_probs * q).sum(-1)
+    weights = torch.ones(K - 1, dtype=log_probs.dtype, device=log_probs.device)
+    weights[0] = c0_weight
+    if push == "spec":
+        pushed = log_probs[:, 1:]
+    elif push == "complement":
+        others = torch.tensor([[j for j in range(K) if j != i] for i in range(1, K)], device=log_probs.device)
+        pushed = -torch.logsumexp(log_probs[:, others], dim=-1)  # (B, K-1): -log(1 - p(c_i))
+    elif push == "none":
+        return pull.mean()
+    else:
+        raise ValueError(f"dc_push: {push!r} is not one of spec, complement, none")
+    return (pull + (pushed * weights).sum(-1)).mean()
+
+
+def temperature_from_errors(err: torch.Tensor) -> float:
+    """tau for temperature "auto": RMS over images b, concepts k >= 1 and pairs j of err[b,k,j] - err[b,0,j].
+
+    `err` (B, K, T) holds c_n in column 0. Floored at 1e-6 x the mean error, so that a degenerate
+    S (identical errors) gives large but finite logits rather than a division by zero.
+    """
+    gaps = (err[:, 1:] - err[:, :1]).double()
+    spread = float(gaps.pow(2).mean().sqrt())
+    return max(spread, 1e-6 * float(err.double().abs().mean()), 1e-30)
+
+
+@torch.no_grad()
+def task_temperature(config, unet, scheduler, latents: torch.Tensor, conds: torch.Tensor, seed: int) -> float:
+    """The task's tau: `config.temperature` when numeric; for "auto", measured once on every image of the task.
+
+    The (t, eps) pairs are `fisher_pairs` with config.num_dc_timesteps evenly strided t and noise seeded by
+    (seed, image id): the same tau on every process, on a resume, and whatever the training streams draw.
+    """
+    if config.temperature != "auto":
+        return float(config.temperature)
+    t, noise = fisher_pairs(scheduler, latents, range(latents.shape[0]), config.num_dc_timesteps, seed)
+    err = dc_scores(unet, scheduler, latents, conds, timesteps=t, noise=noise, loss=config.dc_loss,
+                    max_batch=config.dc_max_batch)
+    return config.auto_temperature_scale * temperature_from_errors(err)
 
 
 def shard(num_items: int, rank: int, world: int) -> List[int]:

@@ -8,17 +8,23 @@ T1 and from T2 drawn at random from the earlier LoRAs {LoRA_1 .. LoRA_{n-1}}, fo
 
 with one x_t (same t, same eps) for all four evaluations. Teachers are frozen tensor snapshots,
 swapped into the U-Net under no_grad. After task 1 there is no earlier LoRA, so nothing is distilled.
+
+S (k = num_dc_concepts, |S| = min(k, n + 1)): [c_n, c_0, c_m] + the k-3 most recent other earlier
+prompts; k = 2 is [c_n, c_m] (the two teachers' own concepts carry what the KL terms transfer; c_0 is
+the one left out). The pool holds each task's LoRA before distillation (dsc_teacher_pool
+"before_distill", the spec's LoRA_n) or after it ("after_distill"). In DSC+EWC-DC the EWC-DC penalty,
+with the F and theta* of the tasks before n, is added to L_DSC during distillation (dsc_ewc_penalty).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from dcfast.adapters import lora_state, swapped_lora
 from dcfast.methods.base import Method, Models, TaskData
-from dcfast.methods.ewc_dc import EWCDC
+from dcfast.methods.ewc_dc import EWCDC, measure_temperature
 from dcfast.objectives import dc_log_probs, predict_rows, random_pairs
 
 
@@ -32,42 +38,57 @@ class Distiller:
         self.teacher1: Dict[str, torch.Tensor] = {}
 
     def concepts(self, task: TaskData, m: int) -> List[str]:
-        """S for DSC: c_n, c_0, T2's concept c_m, then other earlier concepts up to k."""
-        others = [p for i, p in enumerate(task.past_prompts) if i != m]
-        room = max(0, self.config.num_dc_concepts - 3)
-        return [task.prompt, task.class_prompt, task.past_prompts[m]] + others[len(others) - room:][:room]
+        """S for DSC with T2 = LoRA_{m+1}: [c_n, c_0, c_m] + the most recent other earlier prompts, |S| = min(k, n+1).
 
-    def step_loss(self, task: TaskData, x0: torch.Tensor, m: int) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """L_DSC on one batch with T2 = pool[m]."""
+        k = 2: [c_n, c_m]. c_m's column is `self.m_column()`.
+        """
+        k = self.config.num_dc_concepts
+        if k == 2:
+            return [task.prompt, task.past_prompts[m]]
+        others = [p for i, p in enumerate(task.past_prompts) if i != m]
+        room = min(k - 3, len(others))
+        return [task.prompt, task.class_prompt, task.past_prompts[m]] + others[len(others) - room:]
+
+    def m_column(self) -> int:
+        """Column of T2's concept c_m in `concepts`."""
+        return 1 if self.config.num_dc_concepts == 2 else 2
+
+    def step_loss(self, task: TaskData, x0: torch.Tensor, m: int, timesteps: torch.Tensor, noise: torch.Tensor,
+                  temperature: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """L_DSC on one batch with T2 = pool[m] and (t, eps) pairs shared by all four evaluations."""
         models, config = self.models, self.config
         unet, scheduler = models.unet, models.noise_scheduler
         with torch.no_grad():
             conds = models.encode(self.concepts(task, m))
-        timesteps, noise = random_pairs(scheduler, x0, config.num_dc_timesteps, task.generator)  # shared x_t
+        c_n, c_m = conds[0], conds[self.m_column()]
 
-        def evaluate(cond_index: int):
-            log_probs = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, config.temperature,
-                                     config.dc_loss, config.dc_max_batch)
-            return log_probs, predict_rows(unet, scheduler, x0, conds[cond_index], timesteps, noise)
+        def scores() -> torch.Tensor:
+            return dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, config.dc_loss,
+                                config.dc_max_batch)
 
         with torch.no_grad():
             with swapped_lora(unet, self.teacher1):
-                p_t1, eps_t1 = evaluate(0)  # T1 under c_n
+                p_t1, eps_t1 = scores(), predict_rows(unet, scheduler, x0, c_n, timesteps, noise)  # T1 under c_n
             with swapped_lora(unet, self.pool[m]):
-                p_t2, eps_t2 = evaluate(2)  # T2 under its own concept c_m
-        p_s, eps_s_n = evaluate(0)
-        eps_s_m = predict_rows(unet, scheduler, x0, conds[2], timesteps, noise)
-        kl = (F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean")
-              + F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean"))
-        mse = F.mse_loss(eps_s_n.float(), eps_t1.float()) + F.mse_loss(eps_s_m.float(), eps_t2.float())
-        return config.dsc_alpha * kl + config.dsc_beta * mse, {"dsc_kl": kl.item(), "dsc_mse": mse.item()}
+                p_t2, eps_t2 = scores(), predict_rows(unet, scheduler, x0, c_m, timesteps, noise)  # T2 under c_m
+        p_s = scores()
+        parts = {  # KL(p_T || p_S): the student matches each teacher's scores
+            "dsc_kl_t1": F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean"),
+            "dsc_kl_t2": F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean"),
+            "dsc_mse_t1": F.mse_loss(predict_rows(unet, scheduler, x0, c_n, timesteps, noise).float(), eps_t1.float()),
+            "dsc_mse_t2": F.mse_loss(predict_rows(unet, scheduler, x0, c_m, timesteps, noise).float(), eps_t2.float()),
+        }
+        loss = (config.dsc_alpha * (parts["dsc_kl_t1"] + parts["dsc_kl_t2"])
+                + config.dsc_beta * (parts["dsc_mse_t1"] + parts["dsc_mse_t2"]))
+        return loss, {k: v.item() for k, v in parts.items()}
 
-    def distill(self, task: TaskData) -> Dict[str, float]:
-        """M iterations of L_DSC on the student (the live LoRA), starting from T1 = LoRA_n."""
+    def distill(self, task: TaskData, temperature: float,
+                penalty: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, float]:
+        """M iterations of L_DSC (+ `penalty()`) on the student (the live LoRA), starting from T1 = LoRA_n."""
         models, config = self.models, self.config
+        self.teacher1 = lora_state(models.unet)
         if not self.pool or config.dsc_iterations == 0:
             return {}
-        self.teacher1 = lora_state(models.unet)
         params = list(models.lora().values())
         accelerator = models.accelerator
         optimizer = accelerator.prepare(torch.optim.AdamW(
@@ -79,8 +100,14 @@ class Distiller:
             m = int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))  # same T2 on every process
             self.draws.append(m + 1)
             x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]
+            timesteps, noise = random_pairs(models.noise_scheduler, x0, config.num_dc_timesteps, task.generator)
             with accelerator.autocast():
-                loss, logs = self.step_loss(task, x0, m)
+                loss, logs = self.step_loss(task, x0, m, timesteps, noise, temperature)
+                logs["dsc_loss"] = loss.item()
+                if penalty is not None:
+                    extra = penalty()
+                    loss = loss + extra
+                    logs["dsc_penalty"] = extra.item()
             if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="mean")):
                 raise FloatingPointError(f"DSC loss became {loss.item()} in task {task.index}; lower dsc_learning_rate")
             accelerator.backward(loss)
@@ -88,11 +115,12 @@ class Distiller:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return {"dsc_loss": config.dsc_alpha * logs["dsc_kl"] + config.dsc_beta * logs["dsc_mse"], **logs}
+        return logs
 
     def remember(self) -> None:
-        """Add the consolidated LoRA of the task just finished to the pool."""
-        self.pool.append(lora_state(self.models.unet))
+        """Add the task's LoRA to the pool: T1 (before distillation) or the student, per dsc_teacher_pool."""
+        before = self.config.dsc_teacher_pool == "before_distill"
+        self.pool.append(dict(self.teacher1) if before else lora_state(self.models.unet))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {f"pool.{i}.{k}": v for i, lora in enumerate(self.pool) for k, v in lora.items()}
@@ -112,10 +140,14 @@ class DSC(Method):
         super().__init__(config, models)
         self.distiller = Distiller(config, models)
 
+    def begin_task(self, task: TaskData) -> None:
+        super().begin_task(task)
+        self.temperature = measure_temperature(self.config, self.models, task)
+
     def end_task(self, task: TaskData) -> Dict[str, float]:
-        metrics = self.distiller.distill(task)
+        metrics = self.distiller.distill(task, self.temperature)
         self.distiller.remember()
-        return metrics
+        return {**metrics, "temperature": self.temperature}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.distiller.state_dict()
@@ -125,7 +157,8 @@ class DSC(Method):
 
 
 class DSCEWCDC(EWCDC):
-    """EWC-DC training; after each task DSC distils, then the EWC-DC Fisher is taken at the student."""
+    """EWC-DC training; after each task DSC distils (with the EWC-DC penalty unless dsc_ewc_penalty is false),
+    then the EWC-DC Fisher is taken at the student."""
 
     name = "dsc+ewc-dc"
 
@@ -134,7 +167,8 @@ class DSCEWCDC(EWCDC):
         self.distiller = Distiller(config, models)
 
     def end_task(self, task: TaskData) -> Dict[str, float]:
-        metrics = self.distiller.distill(task)
+        penalty = self.penalty if self.config.dsc_ewc_penalty else None
+        metrics = self.distiller.distill(task, self.temperature, penalty)
         metrics.update(super().end_task(task))
         self.distiller.remember()
         return metrics

@@ -1,7 +1,10 @@
 """EWC (vanilla, online): per-sample diagonal Fisher of the denoising loss after each task (DESIGN 1).
 
-    F <- gamma F + F_n,   F_n = sum over the task's images of g_n^2 (never a batch-mean gradient squared)
+    F <- gamma F + F_n / s,   F_n = sum over the task's images of g_n^2 (never a batch-mean gradient squared)
     L = L_denoise + (lambda/2) sum F (theta - theta*)^2,   theta* = the LoRA at the end of the last task
+
+s = mean of F_n over every LoRA entry (fisher_normalize "mean", the default) or 1 ("none"): with s,
+lambda means the same for EWC and EWC-DC, whose raw Fisher sums differ by orders of magnitude.
 """
 from __future__ import annotations
 
@@ -49,16 +52,22 @@ class EWC(Method):
         return losses
 
     def end_task(self, task: TaskData) -> Dict[str, float]:
-        models = self.models
-        # F <- gamma F + F_n. The all-reduce sums the processes' accumulators, so only process 0
-        # carries the past (decayed) Fisher; every process adds the F_n of its share of the images.
-        self.fisher.decay_(self.config.gamma if models.rank == 0 else 0.0)
+        models, config = self.models, self.config
+        # F_n alone first (it is normalised before the merge): every process accumulates its share of the
+        # images, the all-reduce sums the shares, so every process holds the whole F_n, as it holds the past F.
+        past = [f.clone() for f in self.fisher.fisher.values()]
+        self.fisher.reset()
         ids = shard(task.latents.shape[0], models.rank, models.world)
-        accumulate_fisher(self.fisher, self.fisher_losses(task), ids, self.config.fisher_batch_size,
+        accumulate_fisher(self.fisher, self.fisher_losses(task), ids, config.fisher_batch_size,
                           list(models.lora().values()))
         self.fisher.all_reduce_()
+        new = list(self.fisher.fisher.values())
+        raw_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))
+        if config.fisher_normalize == "mean" and raw_mean > 0:
+            torch._foreach_mul_(new, 1.0 / raw_mean)
+        torch._foreach_add_(new, past, alpha=config.gamma)  # F <- gamma F + F_n / s
         self.anchor = lora_state(models.unet)
-        return {"fisher_sum": float(sum(f.sum() for f in self.fisher.fisher.values()))}
+        return {"fisher_sum": float(sum(f.sum() for f in new)), "fisher_raw_mean": raw_mean}
 
     def fisher_state(self) -> Dict[str, torch.Tensor]:
         state = {f"fisher.{k}": v for k, v in self.fisher.state_dict().items()}

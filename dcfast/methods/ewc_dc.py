@@ -1,9 +1,12 @@
 """EWC-DC: EWC whose Fisher and extra loss term come from DC scores (DESIGN 1).
 
-    L = L_denoise + delta * sum_{i in S} (2*1[i=n] - 1) H(p_theta(.|x0), c_i) + (lambda/2) sum F_DC (theta - theta*)^2
+    L = L_denoise + delta * [pull + push] + (lambda/2) sum F_DC (theta - theta*)^2
 
-S = c_n, c_0 and up to k-2 earlier concepts (k = num_dc_concepts); H(p, c_i) = -log p(c_i);
+over S = c_n, c_0 and up to k-2 earlier concepts (k = num_dc_concepts). pull = H(p_theta(.|x0), c_n)
+(against a smoothed target with dc_label_smoothing); push over i in S, i != n, per dc_push: the spec's
+-H(p, c_i), the bounded -log(1 - p(c_i)), or nothing (see `dcfast.objectives.dc_term`).
 F_DC = per-sample Fisher of H(p_theta(.|x0), c_n) over the task's images, merged online like EWC.
+tau is the task's (numeric, or "auto": measured at the task's start, `dcfast.objectives.task_temperature`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,26 @@ import torch
 
 from dcfast.methods.ewc import EWC
 from dcfast.methods.base import TaskData
-from dcfast.objectives import dc_log_probs, dc_term, fisher_pairs, random_pairs
+from dcfast.objectives import dc_log_probs, dc_term, fisher_pairs, random_pairs, task_temperature
+
+
+def ewc_dc_concepts(task: TaskData, k: int, generator: Optional[torch.Generator]) -> List[str]:
+    """S: [c_n, c_0] + min(k-2, n-1) earlier prompts, in task order (random with `generator`, else the most recent)."""
+    past, extra = task.past_prompts, max(0, k - 2)
+    if len(past) <= extra:
+        chosen = list(past)
+    elif generator is None:
+        chosen = past[len(past) - extra:]
+    else:
+        chosen = [past[i] for i in sorted(torch.randperm(len(past), generator=generator)[:extra].tolist())]
+    return [task.prompt, task.class_prompt] + chosen
+
+
+def measure_temperature(config, models, task: TaskData) -> float:
+    """The task's tau, measured (for "auto") over S = `ewc_dc_concepts(task, k, None)` before any step."""
+    with torch.no_grad():
+        conds = models.encode(ewc_dc_concepts(task, config.num_dc_concepts, None))
+    return task_temperature(config, models.unet, models.noise_scheduler, task.latents, conds, task.seed)
 
 
 class EWCDC(EWC):
@@ -21,23 +43,19 @@ class EWCDC(EWC):
 
     name = "ewc-dc"
 
+    def begin_task(self, task: TaskData) -> None:
+        super().begin_task(task)
+        self.temperature = measure_temperature(self.config, self.models, task)
+
     def concepts(self, task: TaskData, generator: Optional[torch.Generator]) -> List[str]:
-        """S: [c_n, c_0] + up to k-2 earlier prompts (random with `generator`, else the most recent)."""
-        past, extra = task.past_prompts, max(0, self.config.num_dc_concepts - 2)
-        if len(past) <= extra:
-            chosen = list(past)
-        elif generator is None:
-            chosen = past[-extra:] if extra else []
-        else:
-            chosen = [past[i] for i in sorted(torch.randperm(len(past), generator=generator)[:extra].tolist())]
-        return [task.prompt, task.class_prompt] + chosen
+        return ewc_dc_concepts(task, self.config.num_dc_concepts, generator)
 
     def dc_loss(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The DC term for conditions `conds` (K, L, D) whose row 0 is c_n."""
+        """The DC term for conditions `conds` (K, L, D) ordered [c_n, c_0, earlier ...]."""
         models, config = self.models, self.config
         log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
-                                 config.temperature, config.dc_loss, config.dc_max_batch)
-        return dc_term(log_probs, own=0)
+                                 self.temperature, config.dc_loss, config.dc_max_batch)
+        return dc_term(log_probs, config.dc_push, config.dc_label_smoothing, config.dc_c0_weight)
 
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         task, config = self.task, self.config
@@ -58,7 +76,10 @@ class EWCDC(EWC):
             t, noise = fisher_pairs(models.noise_scheduler, x0, ids, config.fisher_num_timesteps, task.seed)
             rows = len(ids) * conds.shape[0] * t.shape[1]  # unchunked: one forward holds every sample's rows
             log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, t, noise,
-                                     config.temperature, config.dc_loss, max_batch=rows)
+                                     self.temperature, config.dc_loss, max_batch=rows)
             return -log_probs[:, 0]
 
         return losses
+
+    def end_task(self, task: TaskData) -> Dict[str, float]:
+        return {**super().end_task(task), "temperature": self.temperature}

@@ -3,6 +3,7 @@
 Everything is tiny (16x16 images, 8x8 latents, 2-4 steps) and single-threaded: on a loaded 2-core
 machine two OpenMP threads per process made a tiny U-Net step ~100x slower.
 """
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from dcfast.config import TrainConfig
 from dcfast.data import write_shape_images
 from dcfast.models import tiny
+
+sys.path.insert(0, str(Path(__file__).parent))  # python_tests/train/formulas.py: `import formulas`
 
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
 

@@ -75,10 +75,28 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"tasks": []}, r"tasks: no tasks; add at least one"),
     ({"pretrained_model_name_or_path": ""}, r"pretrained_model_name_or_path: not set"),
     ({"resume_from_checkpoint": "/no/such/dir"}, r"resume_from_checkpoint: '/no/such/dir' is neither 'latest'"),
+    ({"temperature": "warm"}, r"temperature: must be a number > 0 or 'auto', got 'warm'"),
+    ({"temperature": 0.0}, r"temperature: must be a number > 0 or 'auto', got 0.0"),
+    ({"auto_temperature_scale": 0}, r"auto_temperature_scale: must be a number > 0"),
+    ({"dc_push": "pull"}, r"dc_push: 'pull' is not one of spec, complement, none"),
+    ({"dc_label_smoothing": 1.0}, r"dc_label_smoothing: must lie in \[0, 1\), got 1.0"),
+    ({"dc_c0_weight": -1.0}, r"dc_c0_weight: must be a number >= 0, got -1.0"),
+    ({"fisher_normalize": "max"}, r"fisher_normalize: 'max' is not one of mean, none"),
+    ({"dsc_teacher_pool": "latest"}, r"dsc_teacher_pool: 'latest' is not one of before_distill, after_distill"),
+    ({"dsc_ewc_penalty": "yes"}, r"dsc_ewc_penalty: must be true or false, got 'yes'"),
+    ({"num_dc_concepts": 1}, r"num_dc_concepts: must be an integer >= 2, got 1"),
 ])
 def test_bad_fields(make_config, fields, expected):
     with pytest.raises(ValueError, match=expected):
         make_config(**fields).validate()
+
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": "auto"}, {"temperature": 0.05}, {"temperature": 2}, {"dc_push": "spec"}, {"dc_push": "none"},
+    {"dc_label_smoothing": 0.1, "dc_c0_weight": 0.0}, {"fisher_normalize": "none"},
+    {"dsc_teacher_pool": "after_distill", "dsc_ewc_penalty": False}, {"num_dc_concepts": 2, "method": "dsc"}])
+def test_good_dc_fields(make_config, fields):
+    make_config(**fields).validate()
 
 
 def test_model_dir_without_unet(make_config, model_dir, tmp_path):

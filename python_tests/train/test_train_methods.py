@@ -28,6 +28,10 @@ def test_two_tasks_end_to_end(make_config, method):
     assert json.loads(metadata["lora_adapter_metadata"])["unet.r"] == (2 * config.rank if method == "c-lora" else config.rank)
     has_fisher = method in ("ewc", "ewc-dc", "dsc+ewc-dc")
     assert bool(load_tensors(result.task_dirs[1] / "fisher.safetensors")) == has_fisher
+    uses_dc = method in ("ewc-dc", "dsc", "dsc+ewc-dc")  # the task's tau ("auto" by default) is recorded
+    for folder in result.task_dirs:
+        recorded = json.loads((folder / "metrics.json").read_text())
+        assert ("temperature" in recorded) == uses_dc and recorded.get("temperature", 1.0) > 0
 
     tasks = read_run(config.output_dir)
     assert [(t.token, t.prompt, t.class_prompt, t.finished) for t in tasks] == [
