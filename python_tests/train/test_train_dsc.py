@@ -1,0 +1,136 @@
+"""DSC against DESIGN 1's L_DSC written as loops (formulas.py), its first step, its teacher pool, and the
+EWC-DC penalty inside DSC+EWC-DC's distillation."""
+import pytest
+import torch
+
+import formulas
+from dcfast.adapters import lora_state
+from dcfast.runs import load_tensors, task_dir
+from dcfast.trainer import train
+
+PAST = ["a photo of red cat", "a photo of blue mug"]  # c_1, c_2 of the toy task 3
+
+
+def _random_lora(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) * 0.2 for n, p in params.items()}
+
+
+def _kl(log_p, log_q):
+    """KL(p || q) per image, averaged over images: sum_k p_k (log p_k - log q_k)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("k, m, prompts", [
+    (4, 0, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of red cat", "a photo of blue mug"]),
+    (4, 1, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of blue mug", "a photo of red cat"]),
+    (2, 0, [formulas.PROMPT, "a photo of red cat"]),
+])
+def test_dsc_loss_matches_formula(k, m, prompts):
+    """L_DSC = alpha [KL(p_T1||p_S) + KL(p_T2||p_S)] + beta [||eps_S(c_n) - eps_T1(c_n)||^2 + ||eps_S(c_m) - eps_T2(c_m)||^2]."""
+    method, params, task = formulas.toy_method("dsc", index=3, past=PAST, num_dc_concepts=k, dsc_alpha=0.7,
+                                               dsc_beta=1.3)
+    models, distiller = method.models, method.distiller
+    teacher1, teacher2, student = _random_lora(params, 10), _random_lora(params, 11), _random_lora(params, 12)
+    distiller.teacher1 = teacher1
+    distiller.pool = [_random_lora(params, 20), _random_lora(params, 21)]
+    distiller.pool[m] = teacher2
+    formulas.set_lora(params, student)
+    x0 = task.latents[:2]
+    timesteps = torch.tensor([[100, 700], [300, 900]])
+    noise = torch.randn(2, 2, 4, 8, 8)
+    ours, parts = distiller.step_loss(task, x0, m, timesteps, noise, temperature=formulas.TAU)
+    ours_grads = torch.autograd.grad(ours, list(params.values()))
+
+    conds = formulas.encode(models, prompts)
+    c_n, c_m = conds[0], formulas.encode(models, [PAST[m]])[0]
+    with torch.no_grad():
+        formulas.set_lora(params, teacher1)
+        p_t1, eps_t1 = formulas.log_probs(models, x0, conds, timesteps, noise, formulas.TAU), formulas.predictions(models, x0, c_n, timesteps, noise)
+        formulas.set_lora(params, teacher2)
+        p_t2, eps_t2 = formulas.log_probs(models, x0, conds, timesteps, noise, formulas.TAU), formulas.predictions(models, x0, c_m, timesteps, noise)
+    formulas.set_lora(params, student)
+    p_s = formulas.log_probs(models, x0, conds, timesteps, noise, formulas.TAU)
+    hand_parts = {"dsc_kl_t1": _kl(p_t1, p_s), "dsc_kl_t2": _kl(p_t2, p_s),
+                  "dsc_mse_t1": (formulas.predictions(models, x0, c_n, timesteps, noise) - eps_t1).pow(2).mean(),
+                  "dsc_mse_t2": (formulas.predictions(models, x0, c_m, timesteps, noise) - eps_t2).pow(2).mean()}
+    hand = (0.7 * (hand_parts["dsc_kl_t1"] + hand_parts["dsc_kl_t2"])
+            + 1.3 * (hand_parts["dsc_mse_t1"] + hand_parts["dsc_mse_t2"]))
+    hand_grads = torch.autograd.grad(hand, list(params.values()))
+    # float32 logits of size err/tau ~ 200 carry ~1e-5 of rounding each; the KLs are differences of them.
+    for name, value in hand_parts.items():
+        assert parts[name] == pytest.approx(value.item(), rel=1e-3), name
+    torch.testing.assert_close(ours, hand, rtol=1e-4, atol=1e-6 * max(1.0, hand.abs().item()))
+    for a, b in zip(ours_grads, hand_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * b.abs().max().item())
+    assert all(torch.equal(p.detach(), student[n]) for n, p in params.items())  # teachers swapped back out
+
+
+@pytest.mark.parametrize("name", ["dsc", "dsc+ewc-dc"])
+def test_first_distillation_step_t1_terms_are_exactly_zero(name):
+    """The student starts as T1: KL(p_T1 || p_S) and ||eps_S - eps_T1||^2 are 0 at step 1, the T2 terms are not."""
+    method, params, task = formulas.toy_method(name, index=3, past=PAST, num_dc_concepts=4, dsc_iterations=1,
+                                               dsc_ewc_penalty=False)
+    method.distiller.pool = [_random_lora(params, 20), _random_lora(params, 21)]
+    logs = method.distiller.distill(task, temperature=formulas.TAU)
+    assert logs["dsc_kl_t1"] == 0.0 and logs["dsc_mse_t1"] == 0.0
+    assert logs["dsc_kl_t2"] > 0 and logs["dsc_mse_t2"] > 0
+    assert any(not torch.equal(p.detach(), method.distiller.teacher1[n]) for n, p in params.items())  # one step taken
+
+
+@pytest.mark.parametrize("with_penalty", [True, False])
+def test_dsc_ewc_dc_penalty_during_distillation(with_penalty):
+    """DSC+EWC-DC adds (lambda/2) sum F (theta - theta*)^2 of the earlier tasks to L_DSC (dsc_ewc_penalty)."""
+    method, params, task = formulas.toy_method("dsc+ewc-dc", index=3, past=PAST, num_dc_concepts=4, dsc_iterations=1,
+                                               dsc_ewc_penalty=with_penalty, ewc_lambda=50.0, learning_rate=1e-2)
+    live = lora_state(method.models.unet)
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    anchor = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in params.items()}
+    for n in params:
+        method.fisher.fisher[n].copy_(fisher[n])
+    method.anchor = anchor
+    pool = [_random_lora(params, 20), _random_lora(params, 21)]
+    method.distiller.pool = pool
+    generators = (task.generator.get_state(), task.shared_generator.get_state())
+    logs = method.distiller.distill(task, formulas.TAU, method.penalty if with_penalty else None)
+    after = lora_state(method.models.unet)
+    hand = 25.0 * sum((fisher[n] * (live[n] - anchor[n]) ** 2).sum() for n in params).item()
+    assert logs.get("dsc_penalty", 0.0) == (pytest.approx(hand, rel=1e-5) if with_penalty else 0.0)
+    # The same step without the penalty (same draws): the penalty changed the update.
+    formulas.set_lora(params, live)
+    task.generator.set_state(generators[0])
+    task.shared_generator.set_state(generators[1])
+    method.distiller.distill(task, formulas.TAU, None)
+    plain = lora_state(method.models.unet)
+    assert any(not torch.equal(after[n], plain[n]) for n in params) == with_penalty
+    # And through end_task, as the config says.
+    formulas.set_lora(params, live)
+    metrics = method.end_task(task)
+    assert ("dsc_penalty" in metrics) == with_penalty
+
+
+@pytest.mark.parametrize("pool_choice", ["before_distill", "after_distill"])
+def test_dsc_teachers_frozen_and_t2_from_earlier_tasks(make_config, pool_choice):
+    config = make_config("dsc", words=("dog", "mug", "cat"), dsc_iterations=4, dsc_teacher_pool=pool_choice)
+    trained = {}
+
+    def capture(task, step, models):
+        if step == config.max_train_steps:
+            trained[task] = {n: p.detach().clone() for n, p in models.lora().items()}
+
+    result = train(config, step_callback=capture)
+    distiller = result.method.distiller
+    assert distiller.draws[:4] == [1, 1, 1, 1]  # task 2: only LoRA_1 is earlier
+    assert set(distiller.draws[4:]) <= {1, 2} and len(distiller.draws) == 8  # task 3: LoRA_1 or LoRA_2, never LoRA_3
+    assert len(distiller.pool) == 3
+    for i in (1, 2, 3):
+        saved = load_tensors(task_dir(config.output_dir, i) / "trainer_state.safetensors")  # after distillation
+        want = trained[i] if pool_choice == "before_distill" else {n: saved[f"lora.{n}"] for n in trained[i]}
+        assert all(torch.equal(distiller.pool[i - 1][n], want[n]) for n in want), i
+        distilled = any(not torch.equal(trained[i][n], saved[f"lora.{n}"]) for n in trained[i])
+        assert distilled == (i > 1)  # task 1 has no earlier teacher: nothing distilled
+    teacher1 = distiller.teacher1  # T1 of task 3: the LoRA at the end of task 3's training, untouched
+    assert all(torch.equal(teacher1[n], trained[3][n]) and not teacher1[n].requires_grad for n in teacher1)
+    student = result.method.models.lora()
+    assert any(not torch.equal(student[n].detach(), teacher1[n]) for n in teacher1)  # the student moved
+    assert result.metrics[2]["temperature"] > 0 and {"dsc_kl_t1", "dsc_kl_t2"} <= set(result.metrics[2])
