@@ -32,7 +32,7 @@ def _fisher_partial(
     ws_ptr, grad_ptr, input_ptr,
     N, R, O, I, splits,
     stride_gn, stride_gr, stride_go,
-    stride_xn, stride_xi_r, stride_xi,
+    stride_xn, stride_xr, stride_xi,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     SQUARE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -70,7 +70,7 @@ def _fisher_partial(
                 mask=(rows[:, None] < r_end) & (offs_o[None, :] < O), other=0.0,
             )
             x_tile = tl.load(
-                x_base + rows[:, None] * stride_xi_r + offs_i[None, :] * stride_xi,
+                x_base + rows[:, None] * stride_xr + offs_i[None, :] * stride_xi,
                 mask=(rows[:, None] < r_end) & (offs_i[None, :] < I), other=0.0,
             )
             tile = tl.dot(tl.trans(g_tile), x_tile, tile, input_precision=PRECISION)
