@@ -190,7 +190,7 @@ def _task(index: int, value: Any) -> TaskConfig:
 def _problems(config: TrainConfig) -> List[str]:
     """Every problem of `config` as 'field: what is wrong; the fix'."""
     from dcfast.methods import get_method  # local import: the registry imports the training stack
-    from dcfast.models import check_model_dir
+    from dcfast.models import check_model_dir, check_prediction_type
     from dcfast.runs import finished_tasks
 
     found: List[str] = []
@@ -205,7 +205,8 @@ def _problems(config: TrainConfig) -> List[str]:
     if not config.pretrained_model_name_or_path:
         found.append("pretrained_model_name_or_path: not set; give a local diffusers model directory")
     else:
-        check("pretrained_model_name_or_path", lambda: check_model_dir(config.pretrained_model_name_or_path))
+        check("pretrained_model_name_or_path", lambda: (check_model_dir(config.pretrained_model_name_or_path),
+                                                        check_prediction_type(config.pretrained_model_name_or_path)))
     check("method", lambda: get_method(config.method))
     if not config.output_dir:
         found.append("output_dir: not set; give a directory for the run's outputs")

@@ -32,7 +32,7 @@ from dcfast import metrics
 from dcfast.classify import DEFAULT_STAGES, check_stages, classify
 from dcfast.data import find_images, open_image, to_tensor
 from dcfast.features import cosine_i2i, load_features
-from dcfast.sampling import check_epsilon, encode_prompts, generate, resolution, to_model_space
+from dcfast.sampling import check_prediction_type, encode_prompts, generate, resolution, to_model_space
 
 
 @dataclass
@@ -186,7 +186,7 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
         raise ValueError(f"task_index must be in [1, {len(tasks)}], got {task_index}")
     if pipe is None:
         pipe = _runs().load_pipeline(run_dir, task_index, device=config.device)
-    check_epsilon(pipe, f"{run_dir} task {task_index}")
+    check_prediction_type(pipe, f"{run_dir} task {task_index}")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     features = features if features is not None else load_features(None)

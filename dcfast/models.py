@@ -209,6 +209,27 @@ def check_model_dir(path: Union[str, Path], field: str = "pretrained_model_name_
     return path
 
 
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")  # = dcfast.scores.PREDICTION_TYPES (no torch import here)
+
+
+def check_prediction_type(path: Union[str, Path], field: str = "pretrained_model_name_or_path") -> str:
+    """The prediction_type in the model's scheduler/scheduler_config.json (read as JSON: no model is loaded).
+
+    epsilon and v_prediction models train and score against their own target; "sample" is refused.
+    """
+    file = Path(path) / "scheduler" / "scheduler_config.json"
+    try:
+        kind = json.loads(file.read_text()).get("prediction_type") or "epsilon"
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{field}: cannot read the scheduler config {str(file)!r} ({error}); the model directory "
+                         f"needs scheduler/scheduler_config.json") from None
+    if kind not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(f"{field}: the model's scheduler ({str(file)!r}) has prediction_type {kind!r}; dcfast "
+                         f"supports {' and '.join(SUPPORTED_PREDICTION_TYPES)} models only: use an epsilon or "
+                         f"v-prediction model")
+    return kind
+
+
 def load_components(path: Union[str, Path]) -> Components:
     """Read a local diffusers directory (local files only); no vae/ means the model works in pixel space."""
     path = check_model_dir(path)

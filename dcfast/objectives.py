@@ -1,5 +1,8 @@
 """The losses the methods combine (DESIGN 1): denoising, DC cross-entropies, and per-sample Fisher passes.
 
+Every loss compares the model's output with the scheduler's target (`dcfast.scores.training_target`):
+the noise eps for epsilon models, the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 for v-prediction.
+
 U-Net rows are ordered image-major everywhere ((b, j) for b in images, j in that image's (t, eps)
 pairs), so a Fisher pass with `num_samples=B` sees each image's rows together.
 """
@@ -10,29 +13,33 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from dcfast.scores import dc_logits, dc_scores, default_timesteps
+from dcfast.scores import dc_logits, dc_scores, default_timesteps, training_target
 
 
 def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """L_denoise = E ||eps - eps_theta(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D)."""
+    """L_denoise = E ||target - model(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D).
+
+    target = eps (epsilon models) or v = scheduler.get_velocity(x0, eps, t) (v-prediction models).
+    """
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(B, -1, -1)).sample
-    return F.mse_loss(pred.float(), noise.float())
+    return F.mse_loss(pred.float(), training_target(scheduler, x0, noise, t).float())
 
 
 def noisy_rows(scheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor):
-    """Image-major rows (b, j) of x_t, t and eps for timesteps (B, T) and noise (B, T, C, H, W)."""
+    """Image-major rows (b, j) of x_t, t and the target (eps or v) for timesteps (B, T) and noise (B, T, C, H, W)."""
     B, T = timesteps.shape
     eps = noise.reshape(B * T, *x0.shape[1:])
     t = timesteps.reshape(-1)
-    return scheduler.add_noise(x0.repeat_interleave(T, dim=0), eps, t), t, eps
+    x0_rows = x0.repeat_interleave(T, dim=0)
+    return scheduler.add_noise(x0_rows, eps, t), t, training_target(scheduler, x0_rows, eps, t)
 
 
 def predict_rows(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
-    """eps_theta(x_t, c, t) for every row (b, j) under one condition cond (L, D); (B*T, C, H, W)."""
+    """The model's output (eps or v) at x_t, c, t for every row (b, j) under one condition cond (L, D); (B*T, C, H, W)."""
     x_t, t, _ = noisy_rows(scheduler, x0, timesteps, noise)
     return unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1)).sample
 
@@ -40,9 +47,9 @@ def predict_rows(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, timestep
 def per_sample_denoise_losses(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor,
                               noise: torch.Tensor) -> torch.Tensor:
     """(B,) denoising losses, image b averaged over its T pairs; timesteps (B, T), noise (B, T, C, H, W)."""
-    pred = predict_rows(unet, scheduler, x0, cond, timesteps, noise)
-    _, _, eps = noisy_rows(scheduler, x0, timesteps, noise)
-    return (pred.float() - eps.float()).pow(2).reshape(x0.shape[0], -1).mean(-1)
+    x_t, t, target = noisy_rows(scheduler, x0, timesteps, noise)
+    pred = unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1)).sample
+    return (pred.float() - target.float()).pow(2).reshape(x0.shape[0], -1).mean(-1)
 
 
 def random_pairs(scheduler, x0: torch.Tensor, num_timesteps: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:

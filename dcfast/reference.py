@@ -18,7 +18,10 @@ _ELEMENTWISE = {
 def dc_scores_naive(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
                     num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
                     max_batch: Optional[int] = None, huber_delta: float = 1.0) -> torch.Tensor:
-    """`dcfast.dc_scores` as a loop: one U-Net call of batch B per (concept, timestep). `max_batch` is ignored."""
+    """`dcfast.dc_scores` as a loop: one U-Net call of batch B per (concept, timestep). `max_batch` is ignored.
+
+    The target is the noise, or `scheduler.get_velocity(x0, eps, t)` for v-prediction schedulers.
+    """
     if loss not in _ELEMENTWISE:
         raise ValueError(f"loss must be one of {tuple(_ELEMENTWISE)}, got {loss!r}")
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
@@ -32,7 +35,10 @@ def dc_scores_naive(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, ti
             step = torch.full((B,), j, device=x0.device)
             pred = unet(inputs.x_t(images, step), inputs.timesteps[:, j],
                         encoder_hidden_states=cond[k:k + 1].expand(B, -1, -1), return_dict=False)[0]
-            elementwise = _ELEMENTWISE[loss](pred.float(), inputs.noise[:, j].float(), huber_delta)
+            target = inputs.noise[:, j]
+            if getattr(scheduler, "config", {}).get("prediction_type", "epsilon") == "v_prediction":
+                target = scheduler.get_velocity(x0, target, inputs.timesteps[:, j])  # diffusers' own v
+            elementwise = _ELEMENTWISE[loss](pred.float(), target.float(), huber_delta)
             per_concept.append(elementwise.flatten(1).mean(1))
         errors.append(torch.stack(per_concept, dim=1))
     return torch.stack(errors, dim=1)

@@ -70,8 +70,11 @@ def generate(pipe, prompt: str, num_images: int, *, num_inference_steps: int = 2
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
-def check_epsilon(pipe, where: str) -> None:
-    """DC scores compare predicted with true noise: refuse v-prediction / sample-prediction models."""
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(f"{where}: the scheduler predicts {prediction!r}; DC scores need an epsilon-prediction model")
+def check_prediction_type(pipe, where: str) -> str:
+    """The pipeline's prediction type (epsilon or v_prediction, as DC scores support); ValueError naming `where`."""
+    from dcfast.scores import prediction_type
+
+    try:
+        return prediction_type(pipe.scheduler)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None

@@ -4,10 +4,14 @@ For images x0 (B, C, H, W), concept conditions cond (K, L, D) and T (timestep, n
 every concept,
 
     x_t[b,j]   = sqrt(abar[t_j]) x0[b] + sqrt(1 - abar[t_j]) eps[b,j]
-    err[b,k,j] = mean_{C,H,W} loss(eps[b,j] - eps_theta(x_t[b,j], cond[k], t_j))
+    err[b,k,j] = mean_{C,H,W} loss(target[b,j] - model_theta(x_t[b,j], cond[k], t_j))
+
+The target is the scheduler's `prediction_type`: eps[b,j] for "epsilon", the velocity
+v[b,j] = sqrt(abar[t_j]) eps[b,j] - sqrt(1 - abar[t_j]) x0[b] for "v_prediction" (computed once per
+(b, j), never per concept); "sample" models are refused.
 
 The U-Net sees rows ordered (b, k, j), image-major, so a module hook sees each image's K*T rows
-together (what dcfast.FisherAccumulator relies on). The noise is never repeated K times: the fused
+together (what dcfast.FisherAccumulator relies on). The target is never repeated K times: the fused
 `dc_error` op reads it in place.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from dcfast.ops.dc_error import LOSSES, dc_error
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # On the 2-core CPU, chunks of 64 U-Net rows ran fastest for the tiny model (larger chunks spill
 # caches; smaller ones pay per-call overhead). CUDA starts from the whole pass and halves on OOM.
@@ -32,11 +38,26 @@ class DCInputs:
     noise: torch.Tensor  # (B, T, C, H, W), possibly an expanded view
     timesteps: torch.Tensor  # (B, T) long
     abar: torch.Tensor  # (B, T) alphas_cumprod[timesteps] in x0's dtype
+    prediction: str = "epsilon"  # the scheduler's prediction_type, one of PREDICTION_TYPES
 
     def x_t(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Noised inputs of rows (b, j): sqrt(abar) x0[b] + sqrt(1 - abar) eps[b, j]."""
         abar = self.abar[b, j].view(-1, 1, 1, 1)
         return abar.sqrt() * self.x0[b] + (1 - abar).sqrt() * self.noise[b, j]
+
+    def target(self) -> torch.Tensor:
+        """(B, T, C, H, W) what the model predicts: the noise itself (in place) or the velocity, once."""
+        if self.prediction == "epsilon":
+            return self.noise
+        abar = self.abar.view(*self.abar.shape, 1, 1, 1)
+        return abar.sqrt() * self.noise - (1 - abar).sqrt() * self.x0.unsqueeze(1)
+
+    def target_rows(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """(rows, C, H, W) the target of rows (b, j) only (a chunk's share, with its own autograd graph)."""
+        if self.prediction == "epsilon":
+            return self.noise[b, j]
+        abar = self.abar[b, j].view(-1, 1, 1, 1)
+        return abar.sqrt() * self.noise[b, j] - (1 - abar).sqrt() * self.x0[b]
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -49,6 +70,23 @@ def default_timesteps(num_train_timesteps: int, num_timesteps: int) -> torch.Ten
         raise ValueError(f"num_timesteps must be in [1, {num_train_timesteps}], got {num_timesteps}")
     stride = num_train_timesteps // num_timesteps
     return torch.arange(stride // 2, num_train_timesteps, stride)[:num_timesteps]
+
+
+def prediction_type(scheduler) -> str:
+    """The scheduler's `prediction_type` ("epsilon" when its config has none); ValueError for others."""
+    config = getattr(scheduler, "config", None)
+    kind = (config.get("prediction_type", None) if hasattr(config, "get") else None) or "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {kind!r} is not supported; DC scores and the training losses "
+                         f"support {' and '.join(PREDICTION_TYPES)} models (use an epsilon or v-prediction model)")
+    return kind
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict at (x0, eps, t): eps, or v = scheduler.get_velocity(x0, eps, t)."""
+    if prediction_type(scheduler) == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    return noise
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:
@@ -106,7 +144,7 @@ def prepare_inputs(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, tim
     noise = noise.expand(B, T, C, H, W)
 
     abar = alphas.to(x0.device)[timesteps].to(x0.dtype)
-    return DCInputs(x0=x0, noise=noise, timesteps=timesteps, abar=abar)
+    return DCInputs(x0=x0, noise=noise, timesteps=timesteps, abar=abar, prediction=prediction_type(scheduler))
 
 
 def _check_loss(loss: str) -> None:
@@ -194,6 +232,7 @@ def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Op
     B, T = inputs.shape
     K = cond.shape[0]
     device = inputs.x0.device
+    target = inputs.target().reshape(B, T, -1)  # (B, T, D), shared by the K concepts: no K-fold copy
 
     def run(chunk: int) -> torch.Tensor:
         # Compare in the noise's dtype. Each chunk's output is written once into one preallocated buffer
@@ -210,7 +249,7 @@ def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Op
                 if pred is None:
                     pred = torch.empty((total, out[0].numel()), device=device, dtype=dtype)
                 _as_rows(out, dtype, pred[start:start + out.shape[0]])
-        return dc_error(pred.view(B, K, T, -1), inputs.noise.reshape(B, T, -1), loss, huber_delta)
+        return dc_error(pred.view(B, K, T, -1), target, loss, huber_delta)
 
     return _with_oom_retry(run, _resolve_max_batch(max_batch, B * K * T, device), max_batch is not None)
 
@@ -261,13 +300,13 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
 
     B, T = inputs.shape
     K = cond.shape[0]
-    noise_rows = inputs.noise.reshape(B * T, -1)
     chunk = _resolve_max_batch(max_batch, B * K * T, x0.device)
     with torch.enable_grad():
         for b, k, j in _row_batches(B, K, T, chunk, x0.device):
-            pred = _as_rows(_unet_rows(unet, inputs, cond_leaf, b, k, j), noise_rows.dtype)
+            pred = _as_rows(_unet_rows(unet, inputs, cond_leaf, b, k, j), inputs.noise.dtype)
             rows = pred.shape[0]
-            chunk_err = dc_error(pred.view(1, 1, rows, -1), noise_rows[b * T + j].view(1, rows, -1), loss, huber_delta)
+            target = inputs.target_rows(b, j).reshape(1, rows, -1)  # per chunk: its graph to x0 is the chunk's own
+            chunk_err = dc_error(pred.view(1, 1, rows, -1), target, loss, huber_delta)
             chunk_err.backward(grad_err[b, k, j].view(1, 1, rows))
     if x0.requires_grad:
         x0.backward(x0_leaf.grad)

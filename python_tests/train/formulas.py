@@ -18,8 +18,10 @@ PROMPT, CLASS_PROMPT = "a photo of my dog", "a photo of a dog"  # c_n, c_0 of th
 TAU = 5e-3
 
 
-def toy_method(name, index=2, past=("a photo of red cat",), rank=2, alpha=2, **fields):
+def toy_method(name, index=2, past=("a photo of red cat",), rank=2, alpha=2, prediction_type="epsilon", **fields):
     """`name` on the tiny model with a random (non-zero) LoRA, begun on task `index` of a 'dog' run.
+
+    `prediction_type`: the scheduler's, "epsilon" or "v_prediction" (the same U-Net read as a v model).
 
     Returns (method, LoRA parameters by name, task). Three 8x8 latents; earlier prompts `past`.
     """
@@ -32,7 +34,7 @@ def toy_method(name, index=2, past=("a photo of red cat",), rank=2, alpha=2, **f
         for p in params.values():
             p.normal_(0, 0.2).requires_grad_(True)
     models = Models(pipe.unet, pipe.text_encoder.requires_grad_(False), pipe.tokenizer,
-                    DDPMScheduler.from_config(pipe.scheduler.config), Accelerator())
+                    DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type), Accelerator())
     values = dict(method=name, temperature=TAU, num_dc_concepts=3, fisher_num_timesteps=2, rank=rank, lora_alpha=alpha)
     values.update(fields)
     method = get_method(name)(TrainConfig(**values), models)
@@ -69,9 +71,23 @@ def predictions(models, x0, cond, timesteps, noise):
     return torch.stack(out)
 
 
+def targets(models, x0, timesteps, noise):
+    """What the model predicts, per (b, j): eps, or for v-prediction v = sqrt(abar) eps - sqrt(1 - abar) x0; (B, T, C, H, W)."""
+    if models.noise_scheduler.config.prediction_type == "epsilon":
+        return noise
+    abar = models.noise_scheduler.alphas_cumprod
+    out = torch.empty_like(noise)
+    for b in range(x0.shape[0]):
+        for j in range(timesteps.shape[1]):
+            a = abar[timesteps[b, j]]
+            out[b, j] = a.sqrt() * noise[b, j] - (1 - a).sqrt() * x0[b]
+    return out
+
+
 def errors(models, x0, conds, timesteps, noise):
-    """err[b, k, j] = mean over pixels of (eps[b,j] - eps_theta(x_t[b,j], c_k, t[b,j]))^2; (B, K, T)."""
-    return torch.stack([(noise - predictions(models, x0, c, timesteps, noise)).pow(2).flatten(2).mean(-1)
+    """err[b, k, j] = mean over pixels of (target[b,j] - model(x_t[b,j], c_k, t[b,j]))^2; (B, K, T)."""
+    target = targets(models, x0, timesteps, noise)
+    return torch.stack([(target - predictions(models, x0, c, timesteps, noise)).pow(2).flatten(2).mean(-1)
                         for c in conds], dim=1)
 
 

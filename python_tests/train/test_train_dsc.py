@@ -21,15 +21,18 @@ def _kl(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-@pytest.mark.parametrize("k, m, prompts", [
-    (4, 0, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of red cat", "a photo of blue mug"]),
-    (4, 1, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of blue mug", "a photo of red cat"]),
-    (2, 0, [formulas.PROMPT, "a photo of red cat"]),
+@pytest.mark.parametrize("k, m, prompts, prediction", [
+    (4, 0, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of red cat", "a photo of blue mug"], "epsilon"),
+    (4, 1, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of blue mug", "a photo of red cat"], "epsilon"),
+    (2, 0, [formulas.PROMPT, "a photo of red cat"], "epsilon"),
+    (4, 1, [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of blue mug", "a photo of red cat"], "v_prediction"),
 ])
-def test_dsc_loss_matches_formula(k, m, prompts):
-    """L_DSC = alpha [KL(p_T1||p_S) + KL(p_T2||p_S)] + beta [||eps_S(c_n) - eps_T1(c_n)||^2 + ||eps_S(c_m) - eps_T2(c_m)||^2]."""
+def test_dsc_loss_matches_formula(k, m, prompts, prediction):
+    """L_DSC = alpha [KL(p_T1||p_S) + KL(p_T2||p_S)] + beta [||eps_S(c_n) - eps_T1(c_n)||^2 + ||eps_S(c_m) - eps_T2(c_m)||^2].
+
+    v-prediction: the DC errors compare with v, and the noise terms compare the student's v with the teachers'."""
     method, params, task = formulas.toy_method("dsc", index=3, past=PAST, num_dc_concepts=k, dsc_alpha=0.7,
-                                               dsc_beta=1.3)
+                                               dsc_beta=1.3, prediction_type=prediction)
     models, distiller = method.models, method.distiller
     teacher1, teacher2, student = _random_lora(params, 10), _random_lora(params, 11), _random_lora(params, 12)
     distiller.teacher1 = teacher1

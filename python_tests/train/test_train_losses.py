@@ -53,11 +53,12 @@ def test_complement_is_bounded_and_spec_is_not():
     assert torch.isfinite(term) and 99 < term.item() < 202 and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("push, smoothing, c0_weight", [
-    ("spec", 0.0, 1.0), ("complement", 0.0, 1.0), ("none", 0.0, 1.0), ("complement", 0.1, 0.5)])
-def test_ewc_dc_term_and_gradient_match_hand_computation(push, smoothing, c0_weight):
+@pytest.mark.parametrize("push, smoothing, c0_weight, prediction", [
+    ("spec", 0.0, 1.0, "epsilon"), ("complement", 0.0, 1.0, "epsilon"), ("none", 0.0, 1.0, "epsilon"),
+    ("complement", 0.1, 0.5, "epsilon"), ("complement", 0.0, 1.0, "v_prediction")])
+def test_ewc_dc_term_and_gradient_match_hand_computation(push, smoothing, c0_weight, prediction):
     method, params, task = formulas.toy_method("ewc-dc", dc_push=push, dc_label_smoothing=smoothing,
-                                               dc_c0_weight=c0_weight)
+                                               dc_c0_weight=c0_weight, prediction_type=prediction)
     models = method.models
     assert method.concepts(task, None) == S
     conds = formulas.encode(models, S)
@@ -132,14 +133,18 @@ def _per_sample_loss(name, models, x0, image_id, seed):
     if name == "ewc-dc":
         return -formulas.log_probs(models, x0, formulas.encode(models, S), t, noise, formulas.TAU)[0, 0]
     pred = formulas.predictions(models, x0, formulas.encode(models, S[:1])[0], t, noise)
-    return (noise - pred).pow(2).mean()
+    return (formulas.targets(models, x0, t, noise) - pred).pow(2).mean()
 
 
-@pytest.mark.parametrize("normalize", ["none", "mean"])
-@pytest.mark.parametrize("name", ["ewc-dc", "ewc"])
-def test_fisher_is_per_sample_normalised_and_merged_online(name, normalize):
-    """F <- gamma F + F_n / s, F_n = sum_b (d loss_b / d theta)^2 by one autograd.grad per image, s = mean(F_n) or 1."""
-    method, params, task = formulas.toy_method(name, gamma=0.5, fisher_batch_size=2, fisher_normalize=normalize)
+@pytest.mark.parametrize("name, normalize, prediction", [
+    ("ewc-dc", "none", "epsilon"), ("ewc-dc", "mean", "epsilon"), ("ewc", "none", "epsilon"), ("ewc", "mean", "epsilon"),
+    ("ewc-dc", "mean", "v_prediction"), ("ewc", "none", "v_prediction")])
+def test_fisher_is_per_sample_normalised_and_merged_online(name, normalize, prediction):
+    """F <- gamma F + F_n / s, F_n = sum_b (d loss_b / d theta)^2 by one autograd.grad per image, s = mean(F_n) or 1.
+
+    For a v-prediction scheduler both losses compare with v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    method, params, task = formulas.toy_method(name, gamma=0.5, fisher_batch_size=2, fisher_normalize=normalize,
+                                               prediction_type=prediction)
     models = method.models
     f_n = {n: torch.zeros_like(p) for n, p in params.items()}
     for b in range(3):
