@@ -1,26 +1,40 @@
 """dcfast: fused kernels for continual personalization of text-to-image diffusion models."""
-from dcfast._backend import backend_info
-from dcfast import ops
-from dcfast.fisher import FisherAccumulator
-from dcfast.scores import dc_logits, dc_loss_backward, dc_scores
 
 __version__ = "0.1.0"
 
 
-# The training and evaluation stacks (diffusers, peft, transformers) load on first use, not at import.
-_LAZY = {"train": ("dcfast.trainer", "train"), "evaluate": ("dcfast.evaluation", "evaluate")}
+# Everything loads on first use, not at import: the kernels' Python faces pull in torch's compiler
+# (about 2 s), and `dcfast --help` needs none of it. Any attribute of the kernel family imports
+# `dcfast.ops` first, so the torch.ops.dcfast kernels (C++, CUDA, Triton) are registered by then.
+_LAZY = {
+    "train": ("dcfast.trainer", "train"),
+    "evaluate": ("dcfast.evaluation", "evaluate"),
+    "backend_info": ("dcfast._backend", "backend_info"),
+    "ops": ("dcfast.ops", None),
+    "FisherAccumulator": ("dcfast.fisher", "FisherAccumulator"),
+    "dc_logits": ("dcfast.scores", "dc_logits"),
+    "dc_loss_backward": ("dcfast.scores", "dc_loss_backward"),
+    "dc_scores": ("dcfast.scores", "dc_scores"),
+}
 
 
 def __getattr__(name: str):
-    """`dcfast.train(config)` and `dcfast.evaluate(run_dir)` without importing their stacks up front."""
+    """`dcfast.dc_scores(...)`, `dcfast.train(config)`, ... without importing their stacks up front."""
     if name in _LAZY:
         import importlib
 
         module, attribute = _LAZY[name]
-        value = getattr(importlib.import_module(module), attribute)
+        if module not in ("dcfast.trainer", "dcfast.evaluation"):
+            importlib.import_module("dcfast.ops")
+        loaded = importlib.import_module(module)
+        value = loaded if attribute is None else getattr(loaded, attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'dcfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 
 __all__ = ["FisherAccumulator", "backend_info", "dc_logits", "dc_loss_backward", "dc_scores", "evaluate", "ops",

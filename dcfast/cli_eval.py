@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dcfast.classify import DEFAULT_STAGES
+DEFAULT_STAGES_TEXT = "8:2,32:1"  # = dcfast.classify.DEFAULT_STAGES (written out: no torch import for --help)
 
 
 def _stages(text: str):
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps for generation")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--max_eval_images", type=int, default=8, help="cap on real held-out images per concept (0: all)")
-    p.add_argument("--stages", type=_stages, default=DEFAULT_STAGES,
+    p.add_argument("--stages", type=_stages, default=DEFAULT_STAGES_TEXT,
                    help="DC adaptive elimination schedule 'pairs:keep,...' (default '8:2,32:1'; exhaustive: '32:1')")
     p.add_argument("--seed", type=int, default=0, help="seed of generation noise and DC (t, eps) pairs")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -69,10 +69,28 @@ def _evaluate_and_report(run_dir: str, args) -> dict:
     return paths
 
 
+def check_device(text: str) -> None:
+    """ValueError naming --device when torch cannot use it (a CUDA device on a CPU-only torch, a typo)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {text!r} is not a torch device ({error}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise ValueError(f"--device: {text!r} is not available: {why}; use --device cpu, or install a CUDA build of "
+                         f"torch on a machine with a GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {text!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def run(args) -> int:
     """Evaluate --run, then (with --compare) the runs without metrics, and write the comparison."""
     from dcfast.report import EVAL_DIR, compare
 
+    check_device(args.device)
     if args.num_threads is not None:
         import torch
 

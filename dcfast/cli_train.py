@@ -1,37 +1,75 @@
-"""`dcfast train --config run.yaml [flags]`: flags override the file, named as in diffusers' scripts."""
+"""`dcfast train --config run.yaml [flags]`: every TrainConfig field is a flag of the same name, overriding the file.
+
+The flags are generated from the dataclass: the type from the field's annotation, the choices from
+`dcfast.config.CHOICES`, the help from the reason comment beside the field (`dcfast.config.field_help`).
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 
-from dcfast.config import MIXED_PRECISION, TrainConfig
+import yaml
 
-# (flag, type, help); each overrides the config field of the same name when given.
-OVERRIDES = (
-    ("pretrained_model_name_or_path", str, "local diffusers model directory (unet/, text_encoder/, tokenizer/, scheduler/, [vae/])"),
-    ("output_dir", str, "where task_{i}/ outputs and checkpoints are written"),
-    ("method", str, "lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora"),
-    ("rank", int, "LoRA rank"),
-    ("learning_rate", float, "LoRA learning rate"),
-    ("max_train_steps", int, "optimizer steps per task"),
-    ("train_batch_size", int, "images per process per micro-step"),
-    ("gradient_accumulation_steps", int, "micro-steps per optimizer step"),
-    ("seed", int, "seed of every random stream of the run"),
-    ("checkpointing_steps", int, "write a mid-task checkpoint every N steps"),
-    ("resume_from_checkpoint", str, "'latest' (continue the run in output_dir) or a checkpoint directory"),
-    ("report_to", str, "'tensorboard' to log scalars under output_dir/logs"),
-)
+from dcfast.config import CHOICES, RENAMED, TrainConfig, field_help
+
+
+def _temperature(text: str):
+    """temperature: a number or "auto"."""
+    try:
+        return float(text)
+    except ValueError:
+        if text != "auto":
+            raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}")
+        return text
+
+
+def _tasks(text: str):
+    """tasks as YAML/JSON text, e.g. '[{images: photos/dog, class_word: dog}]'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"not valid YAML ({str(error).splitlines()[0]}); "
+                                         f"e.g. '[{{images: photos/dog, class_word: dog}}]'")
+
+
+def _renamed(old: str, new: str):
+    def refuse(text: str):
+        raise argparse.ArgumentTypeError(f"--{old} was renamed to --{new} (c_0, the pretrained concept); use --{new}")
+    return refuse
+
+
+def _flag_kwargs(name: str, hint, default) -> dict:
+    """argparse keywords for one field: type, choices, nargs or a --flag/--no-flag pair."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint
+    if name == "tasks":
+        return {"type": _tasks, "metavar": "YAML"}
+    if name == "temperature":
+        return {"type": _temperature, "metavar": "TAU|auto"}
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(base) is list:
+        return {"nargs": "+", "metavar": "NAME"}
+    kwargs = {"type": base if base in (int, float, str) else str}
+    if name in CHOICES:
+        kwargs["choices"] = CHOICES[name]
+    return kwargs
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` on the `dcfast` command's subparsers."""
     parser = subparsers.add_parser("train", help="continual personalization of a diffusers model, task after task",
-                                   description="Train every task of the config in order; flags override the file.")
+                                   description="Train every task of the config in order; every TrainConfig field is "
+                                               "a flag, and flags override the file.")
     parser.add_argument("--config", help="YAML file with TrainConfig fields (tasks, method, ...)")
-    for name, kind, text in OVERRIDES:
-        parser.add_argument(f"--{name}", type=kind, default=None, help=text)
-    parser.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=None, help="autocast precision")
-    parser.add_argument("--eval_every_task", action="store_true", default=None,
-                        help="evaluate each task state right after training it (task_{i}/eval.json)")
+    helps, hints = field_help(), typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        text = (helps.get(f.name) or f.name).replace("%", "%%") + f" (default: {default!r})"
+        parser.add_argument(f"--{f.name}", default=None, help=text, **_flag_kwargs(f.name, hints[f.name], default))
+    for old, new in RENAMED.items():
+        parser.add_argument(f"--{old}", type=_renamed(old, new), default=None, help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
     return parser
 
@@ -39,8 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config file (if any) with every given flag applied."""
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    names = [name for name, _, _ in OVERRIDES] + ["mixed_precision", "eval_every_task"]
-    return config.override(**{name: getattr(args, name) for name in names})
+    return config.override(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def run(args: argparse.Namespace) -> int:

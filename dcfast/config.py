@@ -1,11 +1,18 @@
 """TrainConfig: every hyperparameter of `dcfast.train`, loaded from YAML with CLI-flag overrides.
 
-Defaults carry their reason. Greek letters refer to DESIGN.md section 1.
+Defaults carry their reason. Greek letters refer to DESIGN.md section 1. The comment beside (or above)
+a field is its `dcfast train --help` text (`field_help`). Nothing here imports torch: `dcfast --help`
+and config validation stay fast, and every problem is reported before a model loads.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
+import io
+import re
+import tokenize
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -14,11 +21,20 @@ import yaml
 
 from dcfast.data import DEFAULT_PROMPT_TEMPLATE, check_image_folder
 
+METHODS = ("lora", "ewc", "ewc-dc", "dsc", "dsc+ewc-dc", "c-lora")  # = the registry of dcfast.methods
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all")  # accelerate trackers; "all": every one installed
 DC_LOSSES = ("l2", "l1", "huber")
 DC_PUSH = ("spec", "complement", "none")  # EWC-DC's term for the concepts i != n of S (DESIGN 1)
 FISHER_NORMALIZE = ("mean", "none")
 DSC_TEACHER_POOL = ("before_distill", "after_distill")
+# Fields with a fixed set of values: checked by validate() and offered as argparse choices.
+CHOICES = {"method": METHODS, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISION,
+           "report_to": REPORT_TO, "dc_loss": DC_LOSSES, "dc_push": DC_PUSH, "fisher_normalize": FISHER_NORMALIZE,
+           "dsc_teacher_pool": DSC_TEACHER_POOL}
+# Renamed fields: old name -> new name. An old name raises, naming the new one (kept for one release).
+RENAMED = {"class_prompt": "pretrained_concept_prompt"}
 
 
 @dataclass
@@ -40,36 +56,38 @@ class TrainConfig:
     """Hyperparameters of a continual-personalization run. Steps, batch size and rates are per task."""
 
     pretrained_model_name_or_path: str = ""  # local diffusers dir (unet/, text_encoder/, tokenizer/, scheduler/, [vae/])
-    output_dir: str = "runs/dcfast"
+    output_dir: str = "runs/dcfast"  # where task_{i}/ outputs and checkpoints are written
     method: str = "ewc-dc"  # lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora
-    tasks: List[TaskConfig] = field(default_factory=list)
+    tasks: List[TaskConfig] = field(default_factory=list)  # [{images: <folder>, class_word: <word>, prompt?, eval_images?}]
 
-    # Prompts. c_i = tasks[i].prompt with {token}=<v_i>; c_0 = class_prompt (the pretrained concept).
-    token_template: str = "<v{index}>"
-    class_prompt: str = "a photo of a {class_word}"  # DESIGN's c_0 example, "a photo of a dog"
+    # Prompts. c_i = tasks[i].prompt with {token}=<v_i>; c_0 = pretrained_concept_prompt.
+    token_template: str = "<v{index}>"  # the modifier token of task i, {index} = i
+    # c_0, the pretrained concept the DC scores compare against (not diffusers' prior-preservation class prompt:
+    # no class images are generated). DESIGN's c_0 example, "a photo of a dog". Formerly class_prompt.
+    pretrained_concept_prompt: str = "a photo of a {class_word}"
 
     # LoRA. Rank 4 on the attention projections is diffusers' LoRA default; alpha = rank (scale 1)
     # keeps B·A the actual weight change, which the C-LoRA penalty and exports assume.
-    rank: int = 4
+    rank: int = 4  # LoRA rank (diffusers' default)
     lora_alpha: Optional[int] = None  # None: = rank
-    target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # U-Net attention projections
 
     # Optimisation (diffusers' train_dreambooth_lora names and defaults, lr lowered for continual use).
     learning_rate: float = 1e-4  # LoRA learning rate
     token_learning_rate: float = 5e-3  # the modifier token learns a 768-dim vector from few photos: faster
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # diffusers' get_scheduler: constant keeps every task's steps alike
+    lr_warmup_steps: int = 0  # warm-up steps of the LR schedule, per task
+    adam_beta1: float = 0.9  # AdamW beta1 (diffusers' default)
+    adam_beta2: float = 0.999  # AdamW beta2 (diffusers' default)
+    adam_weight_decay: float = 1e-2  # AdamW weight decay on the LoRA (none on the token), diffusers' default
+    adam_epsilon: float = 1e-8  # AdamW epsilon (diffusers' default)
+    max_grad_norm: float = 1.0  # gradient clipping norm (diffusers' default)
     max_train_steps: int = 200  # optimizer steps per task
     train_batch_size: int = 2  # images per process per micro-step
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; LoRA weights and optimizer stay fp32)
-    seed: int = 0
-    resolution: Optional[int] = None  # None: the model's (U-Net sample size x VAE downsampling)
+    seed: int = 0  # seed of every random stream of the run
+    resolution: Optional[int] = None  # None: the model's (U-Net sample size x VAE downsampling); > 0, a multiple of 8
 
     # DC scores (EWC-DC, DSC). Random (t, eps) pairs during training, as DESIGN 1 specifies.
     num_dc_timesteps: int = 4  # T pairs per image per step: 4 keeps a step ~k*T U-Net rows per image
@@ -129,10 +147,13 @@ class TrainConfig:
 
     # Runs.
     checkpointing_steps: int = 50  # mid-task checkpoint (LoRA, token, optimizer, RNG) every N steps
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint directory
-    report_to: Optional[str] = None  # "tensorboard" to log scalars under output_dir/logs
+    resume_from_checkpoint: Optional[str] = None  # "latest" (continue the run in output_dir) or a checkpoint directory
+    report_to: Optional[str] = None  # an accelerate tracker (tensorboard | wandb | comet_ml | all), logs in output_dir/logs
     eval_every_task: bool = False  # evaluate every task state right after it is written (task_{i}/eval.json)
     eval_num_images: int = 4  # generated images per concept for that evaluation's MMD (>= 2)
+
+    def __post_init__(self):
+        self.tasks = _tasks(self.tasks)
 
     def resolved_lora_alpha(self) -> int:
         return self.rank if self.lora_alpha is None else self.lora_alpha
@@ -142,34 +163,131 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        """Build from a plain dict (a YAML file); unknown keys raise, naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        values = dict(values)
-        values["tasks"] = [_task(i, t) for i, t in enumerate(values.get("tasks") or [])]
-        return cls(**values)
+        """Build from a plain dict (a YAML file): renamed and unknown keys raise, naming them; values are
+        coerced to their field's type ("1e-4" -> 1e-4: PyYAML reads exponents without a dot as strings)."""
+        _check_names(values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"config: {str(path)!r}{where}: YAML syntax error: {problem}. Hint: check for an unclosed "
+                             f"{{ or [, a missing quote, or a tab in the indentation near that line; values with "
+                             f"': ' or '{{' inside need quotes") from None
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ValueError(f"config: {str(path)!r} must hold a mapping of field: value, got {type(values).__name__}")
         return cls.from_dict(values)
 
     def override(self, **flags: Any) -> "TrainConfig":
-        """A copy with every flag that is not None replacing the file's value (CLI overrides)."""
-        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+        """A copy with every flag that is not None replacing the file's value (CLI overrides), coerced as from_dict."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        _check_names(given)
+        hints = typing.get_type_hints(type(self))
+        return dataclasses.replace(self, **{name: coerce(name, hints[name], value) for name, value in given.items()})
 
     def validate(self) -> None:
         """Check everything before training; one ValueError listing each problem with its field and fix."""
         found = _problems(self)
         if found:
             raise ValueError("invalid training config:\n" + "\n".join(f"  - {p}" for p in found))
+
+
+def _check_names(values: Dict[str, Any]) -> None:
+    for old, new in RENAMED.items():
+        if old in values:
+            raise ValueError(f"{old}: this field was renamed to {new} (c_0, the pretrained concept; not diffusers' "
+                             f"prior-preservation prompt); rename the key or flag to {new}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+
+
+_TRUE, _FALSE = ("true",), ("false",)
+
+
+def coerce(name: str, hint: Any, value: Any) -> Any:
+    """`value` as field `name` of type `hint` wants it; TypeError naming the field, the value and the fix.
+
+    Numbers written as text ("1e-4", "200") become numbers; true/false text becomes a bool. YAML 1.1 reads a
+    bare `no` as false: for a choice field that accepts "no" (mixed_precision) false means "no".
+    """
+    optional = type(None) in typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if optional and len(args) == 1 else hint
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{name}: must be set (it cannot be null); remove the key to keep the default")
+    if typing.get_origin(base) is Union:  # temperature: a number or "auto"
+        return _number_from(value, float) if _looks_numeric(value) else value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError(f"{name}: must be true or false, got {value!r}")
+    if base in (int, float):
+        if _looks_numeric(value):
+            number = _number_from(value, float)
+            if base is float:
+                return number
+            if float(number).is_integer():
+                return int(number)
+        kind = "an integer" if base is int else "a number"
+        raise TypeError(f"{name}: must be {kind}, got {value!r}" + (" (text)" if isinstance(value, str) else "")
+                        + f"; e.g. {name}: {TrainConfig.__dataclass_fields__[name].default!r}")
+    if base is str:
+        if isinstance(value, bool) and not value and "no" in CHOICES.get(name, ()):
+            return "no"
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: must be text, got {value!r} ({type(value).__name__}); put it in quotes in YAML")
+        return value
+    if typing.get_origin(base) in (list, List) and typing.get_args(base) == (str,):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{name}: must be a list of names, e.g. [to_q, to_k, to_v, to_out.0], got {value!r}")
+        return list(value)
+    return value  # tasks: checked by _tasks
+
+
+def _looks_numeric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+            return value.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+        except ValueError:
+            return False
+    return False
+
+
+def _number_from(value: Any, kind) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    return value
+
+
+def _tasks(value: Any) -> List[TaskConfig]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"tasks: must be a list of mappings like [{{images: photos/dog, class_word: dog}}], "
+                        f"got {value!r} ({type(value).__name__})")
+    return [_task(i, t) for i, t in enumerate(value)]
 
 
 def _task(index: int, value: Any) -> TaskConfig:
@@ -215,15 +333,27 @@ def _problems(config: TrainConfig) -> List[str]:
     for i, task in enumerate(config.tasks):
         check(f"tasks[{i}].images", lambda: check_image_folder(task.images, f"tasks[{i}].images"))
         if task.eval_images:
-            check(f"tasks[{i}].eval_images", lambda: check_image_folder(task.eval_images, f"tasks[{i}].eval_images"))
+            check(f"tasks[{i}].eval_images", lambda: _check_eval_images(task, f"tasks[{i}].eval_images"))
         if not task.class_word.strip():
             found.append(f"tasks[{i}].class_word: empty; give the concept's class word, e.g. dog")
         if "{token}" not in task.prompt:
             found.append(f"tasks[{i}].prompt: {task.prompt!r} has no {{token}} placeholder; e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
     if "{index}" not in config.token_template:
         found.append(f"token_template: {config.token_template!r} has no {{index}} placeholder; e.g. '<v{{index}}>'")
-    if "{class_word}" not in config.class_prompt:
-        found.append(f"class_prompt: {config.class_prompt!r} has no {{class_word}} placeholder; e.g. 'a photo of a {{class_word}}'")
+    if "{class_word}" not in config.pretrained_concept_prompt:
+        found.append(f"pretrained_concept_prompt: {config.pretrained_concept_prompt!r} has no {{class_word}} placeholder; "
+                     f"e.g. 'a photo of a {{class_word}}'")
+    for name, choices in CHOICES.items():
+        value = getattr(config, name)
+        if name == "method" or (name == "report_to" and value is None):
+            continue  # method: the registry's own message below
+        if value not in choices:
+            found.append(f"{name}: {value!r} is not one of {', '.join(choices)}"
+                         + ("; or leave it unset" if name == "report_to" else ""))
+    if config.resolution is not None and (not isinstance(config.resolution, int) or isinstance(config.resolution, bool)
+                                          or config.resolution <= 0 or config.resolution % 8):
+        found.append(f"resolution: must be an integer > 0 and a multiple of 8 (the VAE downsamples by 8), got "
+                     f"{config.resolution!r}; or leave it unset for the model's own")
 
     at_least = {"max_train_steps": 0, "train_batch_size": 1, "gradient_accumulation_steps": 1, "rank": 1,
                 "lr_warmup_steps": 0, "num_dc_timesteps": 1, "num_dc_concepts": 2, "fisher_num_timesteps": 1,
@@ -247,22 +377,14 @@ def _problems(config: TrainConfig) -> List[str]:
         found.append(f"gamma: the Fisher decay must lie in [0, 1], got {config.gamma!r}")
     if not _number(config.dc_label_smoothing) or not 0 <= config.dc_label_smoothing < 1:
         found.append(f"dc_label_smoothing: must lie in [0, 1), got {config.dc_label_smoothing!r}")
-    for name, choices in (("dc_push", DC_PUSH), ("fisher_normalize", FISHER_NORMALIZE),
-                          ("dsc_teacher_pool", DSC_TEACHER_POOL)):
-        if getattr(config, name) not in choices:
-            found.append(f"{name}: {getattr(config, name)!r} is not one of {', '.join(choices)}")
-    if not isinstance(config.dsc_ewc_penalty, bool):
-        found.append(f"dsc_ewc_penalty: must be true or false, got {config.dsc_ewc_penalty!r}")
-    if config.mixed_precision not in MIXED_PRECISION:
-        found.append(f"mixed_precision: {config.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
-    if config.dc_loss not in DC_LOSSES:
-        found.append(f"dc_loss: {config.dc_loss!r} is not one of {', '.join(DC_LOSSES)}")
+    for name in [f.name for f in dataclasses.fields(config) if f.type == "bool"]:
+        if not isinstance(getattr(config, name), bool):
+            found.append(f"{name}: must be true or false, got {getattr(config, name)!r}")
     if config.eval_every_task and config.eval_num_images < 2:
         found.append(f"eval_num_images: must be >= 2 (unbiased MMD needs two samples), got {config.eval_num_images}")
-    if config.report_to not in (None, "tensorboard"):
-        found.append(f"report_to: {config.report_to!r} is not supported; use tensorboard or leave it unset")
-    elif config.report_to and importlib.util.find_spec("tensorboard") is None:
-        found.append("report_to: tensorboard is not installed; pip install tensorboard, or leave report_to unset")
+    if config.report_to in REPORT_TO and config.report_to != "all" and importlib.util.find_spec(config.report_to) is None:
+        found.append(f"report_to: {config.report_to} is not installed; pip install {config.report_to}, or leave "
+                     f"report_to unset")
     resume = config.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         found.append(f"resume_from_checkpoint: {resume!r} is neither 'latest' nor an existing checkpoint directory")
@@ -270,6 +392,47 @@ def _problems(config: TrainConfig) -> List[str]:
         found.append(f"output_dir: {config.output_dir!r} already holds finished tasks; pass "
                      f"--resume_from_checkpoint latest to continue that run, or choose a new output_dir")
     return found
+
+
+def _check_eval_images(task: TaskConfig, field_name: str) -> None:
+    """Held-out images: at least 2 that decode (unbiased MMD needs pairs), and not the training folder itself."""
+    files = check_image_folder(task.eval_images, field_name)
+    if Path(task.eval_images).resolve() == Path(task.images).resolve():
+        raise ValueError(f"{field_name}: {task.eval_images!r} is the training folder itself, so its images are not "
+                         f"held out; point it at other photos of the concept, or remove eval_images (evaluation then "
+                         f"uses the training images and the report says so)")
+    if len(files) < 2:
+        raise ValueError(f"{field_name}: folder {task.eval_images!r} holds {len(files)} image; evaluation needs at least "
+                         f"2 held-out images (unbiased MMD compares pairs): add more, or remove eval_images")
+
+
+def field_help() -> Dict[str, str]:
+    """Each TrainConfig field's help text: the comment beside it (with its indented continuation lines), else
+    the comment block right above it. Read from this file's source, so the help is the reason in the code."""
+    source = inspect.getsource(TrainConfig)
+    comments = {tok.start[0]: tok.string.lstrip("#").rstrip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    helps: Dict[str, str] = {}
+    block: List[str] = []
+    last = None
+    for number, line in enumerate(source.splitlines(), start=1):
+        match = re.match(r"    (\w+)\s*:", line)
+        stripped = line.strip()
+        if match and match.group(1) in names:
+            last = match.group(1)
+            inline = comments.get(number) if not stripped.startswith("#") else None
+            helps[last] = (inline or " ".join(block)).strip()
+            block = []
+        elif stripped.startswith("#"):
+            text = comments[number]
+            if text.startswith("   ") and last is not None and not block:  # continuation of the field above
+                helps[last] += " " + text.strip()
+            else:
+                block.append(text.strip())
+        else:
+            block, last = [], (None if not stripped else last)
+    return helps
 
 
 def _number(value: Any) -> bool:

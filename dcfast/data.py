@@ -6,11 +6,12 @@ and normalised to [-1, 1] as Stable Diffusion's VAE expects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Union
+from typing import TYPE_CHECKING, List, Union
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch and numpy load with the first image tensor: config validation and --help need neither
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT_TEMPLATE = "a photo of {token} {class_word}"
@@ -49,6 +50,9 @@ def check_image_folder(folder: Union[str, Path], field: str = "images") -> List[
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution`, center-crop, scale to [-1, 1]; (3, R, R) float32."""
+    import numpy as np
+    import torch
+
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
@@ -61,6 +65,8 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 def load_images(folder: Union[str, Path], resolution: int, field: str = "images") -> torch.Tensor:
     """All images of a concept folder as an (N, 3, R, R) tensor in [-1, 1], in sorted file order."""
+    import torch
+
     return torch.stack([to_tensor(open_image(p, field), resolution) for p in find_images(folder, field)])
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dcfast import checkpoint as ckpt
 from dcfast.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
-from dcfast.config import TrainConfig
+from dcfast.config import RENAMED, TrainConfig
 from dcfast.data import load_images
 from dcfast.methods import Method, Models, TaskData, get_method
 from dcfast.models import Components, load_components
@@ -62,7 +62,7 @@ def _task_plan(config: TrainConfig) -> List[Dict[str, Optional[str]]]:
         token = config.token_template.format(index=i)
         plan.append({"index": i, "token": token, "class_word": task.class_word,
                      "prompt": task.task_prompt(token),
-                     "class_prompt": config.class_prompt.format(class_word=task.class_word),
+                     "class_prompt": config.pretrained_concept_prompt.format(class_word=task.class_word),
                      "images": str(task.images), "eval_images": task.eval_images})
     return plan
 
@@ -71,8 +71,13 @@ def _check_resumable(config: TrainConfig) -> None:
     run_file = Path(config.output_dir) / RUN_FILE
     if not run_file.is_file():
         return
-    previous = read_json(run_file)["config"]
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    previous = dict(read_json(run_file)["config"])
+    for old, new in RENAMED.items():  # a run written before the rename
+        if old in previous:
+            previous.setdefault(new, previous.pop(old))
+    defaults = TrainConfig().to_dict()  # fields added since the run was written had their defaults
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and previous.get(k, defaults[k]) != v)
     if changed:
         raise ValueError(f"resume_from_checkpoint: {str(run_file)!r} was trained with different "
                          f"{', '.join(changed)}; resume with the same config or choose a new output_dir")

@@ -55,3 +55,18 @@ def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch
     assert "ewc-dc" in out
     match = re.search(r"^max_step_ratio_vs_lora=(\S+)$", out, re.M)
     assert match and float(match.group(1)) >= 1.0  # lora's own ratio is 1, the max can't be lower
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", r"--device: 'cuda' is not available: .*; use --device cpu"),
+    ("gpu", r"--device: 'gpu' is not a torch device"),
+])
+def test_eval_device_checked_before_any_work(tmp_path, capsys, device, expected):
+    import re
+
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this torch has a usable GPU")
+    assert main(["eval", "--run", str(tmp_path / "no-run"), "--device", device]) == 2
+    assert re.search(expected, capsys.readouterr().err)

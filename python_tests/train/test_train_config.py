@@ -83,7 +83,13 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"dc_c0_weight": -1.0}, r"dc_c0_weight: must be a number >= 0, got -1.0"),
     ({"fisher_normalize": "max"}, r"fisher_normalize: 'max' is not one of mean, none"),
     ({"dsc_teacher_pool": "latest"}, r"dsc_teacher_pool: 'latest' is not one of before_distill, after_distill"),
-    ({"dsc_ewc_penalty": "yes"}, r"dsc_ewc_penalty: must be true or false, got 'yes'"),
+    ({"lr_scheduler": "cosine_typo"}, r"lr_scheduler: 'cosine_typo' is not one of constant, constant_with_warmup, "
+                                      r"linear, cosine, cosine_with_restarts, polynomial"),
+    ({"report_to": "mlflow"}, r"report_to: 'mlflow' is not one of tensorboard, wandb, comet_ml, all; or leave it unset"),
+    ({"dc_loss": "l3"}, r"dc_loss: 'l3' is not one of l2, l1, huber"),
+    ({"resolution": 0}, r"resolution: must be an integer > 0 and a multiple of 8 .*got 0"),
+    ({"resolution": 20}, r"resolution: must be an integer > 0 and a multiple of 8 .*got 20"),
+    ({"pretrained_concept_prompt": "a photo"}, r"pretrained_concept_prompt: 'a photo' has no \{class_word\} placeholder"),
     ({"num_dc_concepts": 1}, r"num_dc_concepts: must be an integer >= 2, got 1"),
 ])
 def test_bad_fields(make_config, fields, expected):
@@ -115,3 +121,116 @@ def test_every_problem_is_listed_at_once(make_config):
 def test_prompt_template_needs_token(make_config, concepts):
     with pytest.raises(ValueError, match=r"tasks\[0\]\.prompt: 'a photo of a dog' has no \{token\} placeholder"):
         make_config(tasks=[{"images": str(concepts["dog"]), "class_word": "dog", "prompt": "a photo of a dog"}]).validate()
+
+
+# --- YAML values, renamed fields, every field a flag (issue 13) ---------------------------------------------
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_numbers_written_as_exponents_are_numbers(tmp_path):
+    """PyYAML reads 1e-4 and 1e2 (no dot) as strings: they become the field's number type."""
+    config = TrainConfig.from_yaml(_yaml(tmp_path, "learning_rate: 1e-4\nmax_train_steps: 1e2\ntemperature: 5e-3\n"
+                                                   "dsc_learning_rate: 2E-5\nmixed_precision: no\nresolution: 64\n"))
+    assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
+    assert config.max_train_steps == 100 and isinstance(config.max_train_steps, int)
+    assert config.temperature == 5e-3 and config.dsc_learning_rate == 2e-5
+    assert config.mixed_precision == "no"  # YAML 1.1 reads a bare `no` as false
+    assert config.resolution == 64
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("learning_rate: fast\n", r"learning_rate: must be a number, got 'fast' \(text\); e\.g\. learning_rate: 0\.0001"),
+    ("max_train_steps: 2.5\n", r"max_train_steps: must be an integer, got 2\.5"),
+    ("dsc_ewc_penalty: 'yes'\n", r"dsc_ewc_penalty: must be true or false, got 'yes'"),
+    ("method: 3\n", r"method: must be text, got 3 \(int\); put it in quotes"),
+    ("tasks: ok\n", r"tasks: must be a list of mappings like \[\{images: photos/dog, class_word: dog\}\], got 'ok' \(str\)"),
+    ("target_modules: to_q\n", r"target_modules: must be a list of names"),
+])
+def test_yaml_values_of_the_wrong_type(tmp_path, text, expected):
+    with pytest.raises(TypeError, match=expected):
+        TrainConfig.from_yaml(_yaml(tmp_path, text))
+
+
+def test_yaml_syntax_error_names_file_line_and_hint(tmp_path):
+    path = _yaml(tmp_path, "method: lora\ntasks: [{images: a, class_word: dog\nseed: 1\n")
+    with pytest.raises(ValueError) as error:
+        TrainConfig.from_yaml(path)
+    message = str(error.value)
+    assert str(path) in message and "line 3" in message and "YAML syntax error" in message
+    assert "unclosed { or [" in message
+
+
+def test_class_prompt_was_renamed(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"class_prompt: this field was renamed to pretrained_concept_prompt"):
+        TrainConfig.from_yaml(_yaml(tmp_path, "class_prompt: 'a photo of a {class_word}'\n"))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--class_prompt", "a {class_word}"])
+    assert "--class_prompt was renamed to --pretrained_concept_prompt" in capsys.readouterr().err
+
+
+def test_eval_images_need_two_held_out_images(make_config, concepts, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(one / "a.png")
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.eval_images: folder .*one' holds 1 image; .* at least 2"):
+        make_config(tasks=[{"images": str(concepts["dog"]), "class_word": "dog", "eval_images": str(one)}]).validate()
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.eval_images: .* is the training folder itself"):
+        make_config(tasks=[{"images": str(concepts["dog"]), "class_word": "dog",
+                            "eval_images": str(concepts["dog"]) + "/"}]).validate()
+
+
+def test_every_field_is_a_flag_with_its_reason_as_help(capsys):
+    import dataclasses
+
+    from dcfast.config import field_help
+
+    helps = field_help()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in text, f.name
+        assert helps[f.name] and " ".join(helps[f.name].split())[:40] in text, f.name
+    assert helps["token_learning_rate"] == "the modifier token learns a 768-dim vector from few photos: faster"
+    assert helps["temperature"].startswith("tau: a number, or \"auto\"")  # a comment block above the field
+
+
+def test_flags_of_every_kind_parse_to_the_field_type(tmp_path):
+    args = build_parser().parse_args([
+        "train", "--resolution", "32", "--adam_beta2", "0.99", "--temperature", "auto", "--no-dsc_ewc_penalty",
+        "--target_modules", "to_q", "to_v", "--lr_scheduler", "cosine", "--tasks", "[{images: a, class_word: dog}]",
+        "--pretrained_concept_prompt", "a {class_word}", "--eval_every_task"])
+    config = config_from_args(args)
+    assert (config.resolution, config.adam_beta2, config.temperature) == (32, 0.99, "auto")
+    assert config.dsc_ewc_penalty is False and config.eval_every_task is True
+    assert config.target_modules == ["to_q", "to_v"] and config.lr_scheduler == "cosine"
+    assert config.tasks[0].images == "a" and config.tasks[0].class_word == "dog"
+    assert config.pretrained_concept_prompt == "a {class_word}"
+    assert config_from_args(build_parser().parse_args(["train", "--temperature", "0.5"])).temperature == 0.5
+
+
+def test_choice_flags_list_their_choices(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--lr_scheduler", "cosine_typo"])
+    assert "invalid choice: 'cosine_typo'" in capsys.readouterr().err
+
+
+def test_methods_constant_is_the_registry():
+    from dcfast.config import METHODS
+    from dcfast.methods import METHODS as REGISTRY
+
+    assert set(METHODS) == set(REGISTRY)
+
+
+def test_help_imports_no_torch():
+    """`dcfast --help` builds every parser without torch (its compiler imports took 2 s of 3.9)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dcfast.cli; dcfast.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
