@@ -88,6 +88,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; LoRA weights and optimizer stay fp32)
     seed: int = 0  # seed of every random stream of the run
     resolution: Optional[int] = None  # None: the model's (U-Net sample size x VAE downsampling); > 0, a multiple of 8
+    # Training-step augmentation, diffusers' --center_crop / --random_flip (images are resized so the shorter side is
+    # the resolution, smaller ones upscaled). The Fisher, DSC and the auto tau see the centered, unflipped images.
+    center_crop: bool = True  # True: the centered square; False: a square at a random offset each step (VAE per step)
+    random_flip: bool = False  # mirror each step's images left-right with probability 1/2 (VAE encode per step)
 
     # DC scores (EWC-DC, DSC). Random (t, eps) pairs during training, as DESIGN 1 specifies.
     num_dc_timesteps: int = 4  # T pairs per image per step: 4 keeps a step ~k*T U-Net rows per image

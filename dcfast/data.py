@@ -1,14 +1,17 @@
 """Concept data: image folders, loaded and checked the way training and evaluation both need.
 
-Images are loaded once per task, resized (shorter side) and center-cropped to the model's resolution,
-and normalised to [-1, 1] as Stable Diffusion's VAE expects.
+Images are read upright (their EXIF orientation applied, as a phone camera means them), loaded once
+per task, resized so the shorter side is the model's resolution (smaller images are upscaled, bicubic,
+as diffusers' training scripts do), center-cropped (or, for training steps with center_crop off, cropped
+at a random offset, and with random_flip mirrored half the time), and normalised to [-1, 1] as Stable
+Diffusion's VAE expects.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:  # torch and numpy load with the first image tensor: config validation and --help need neither
     import torch
@@ -30,11 +33,12 @@ def find_images(folder: Union[str, Path], field: str = "images") -> List[Path]:
 
 
 def open_image(path: Path, field: str = "images") -> Image.Image:
-    """Decode the whole file to RGB; ValueError naming the file when it is unreadable or truncated."""
+    """Decode the whole file to RGB, upright (EXIF orientation applied); ValueError naming the file when it is
+    unreadable or truncated."""
     try:
         with Image.open(path) as image:
             image.load()  # decodes every byte: truncated files fail here, not later in training
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{field}: cannot read image {str(path)!r} ({error}); the file is unreadable or "
                          f"truncated: replace or remove it") from error
@@ -48,19 +52,50 @@ def check_image_folder(folder: Union[str, Path], field: str = "images") -> List[
     return files
 
 
-def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, center-crop, scale to [-1, 1]; (3, R, R) float32."""
+def resized(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution` (bicubic; up or down), scale to [-1, 1]; (3, h, w) float32."""
     import numpy as np
     import torch
 
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, center-crop, scale to [-1, 1]; (3, R, R) float32."""
+    image = resized(image, resolution)
+    h, w = image.shape[1:]
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    return image[:, top:top + resolution, left:left + resolution].contiguous()
+
+
+def load_resized(folder: Union[str, Path], resolution: int, field: str = "images") -> List[torch.Tensor]:
+    """A concept folder's images, shorter side = `resolution`, uncropped: what `augment` crops per step."""
+    return [resized(open_image(p, field), resolution) for p in find_images(folder, field)]
+
+
+def augment(images: List[torch.Tensor], resolution: int, generator: torch.Generator, *, center_crop: bool = True,
+            random_flip: bool = False) -> torch.Tensor:
+    """(N, 3, R, R): each image cropped to R x R (centered, or at a random offset) and, with `random_flip`,
+    mirrored left-right with probability 1/2. Draws from `generator` only what the options need."""
+    import torch
+
+    out = []
+    for image in images:
+        h, w = image.shape[1:]
+        if center_crop:
+            top, left = (h - resolution) // 2, (w - resolution) // 2
+        else:
+            top = int(torch.randint(h - resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(w - resolution + 1, (1,), generator=generator))
+        crop = image[:, top:top + resolution, left:left + resolution]
+        if random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.stack(out)
 
 
 def load_images(folder: Union[str, Path], resolution: int, field: str = "images") -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dcfast import checkpoint as ckpt
 from dcfast.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
 from dcfast.config import RENAMED, TrainConfig
-from dcfast.data import load_images
+from dcfast.data import augment, load_images, load_resized
 from dcfast.methods import Method, Models, TaskData, get_method
 from dcfast.models import Components, load_components
 from dcfast.runs import (CONFIG_FILE, EMBEDS_FILE, FISHER_FILE, LORA_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
@@ -205,8 +205,11 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     models.token = ModifierToken(models.text_encoder, task["token"], token_id, init)
 
     # b. The task's images, in model space once (the VAE is frozen).
-    images = load_images(task["images"], resolution, field=f"tasks[{n - 1}].images").to(accelerator.device)
+    field_name = f"tasks[{n - 1}].images"
+    images = load_images(task["images"], resolution, field=field_name).to(accelerator.device)
     latents = _encode_images(components, images)
+    # Random crops / flips: the uncropped images stay, and each step's batch is cropped and encoded afresh.
+    uncropped = load_resized(task["images"], resolution, field_name) if not config.center_crop or config.random_flip else None
     generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
                   "shared": _generator(config.seed, n, 0)}
     data = TaskData(index=n, latents=latents, prompt=task["prompt"], class_prompt=task["class_prompt"],
@@ -248,8 +251,14 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
+            if uncropped is None:
+                x0 = latents[batch.to(latents.device)]
+            else:
+                pixels = augment([uncropped[i] for i in batch.tolist()], resolution, generators["local"],
+                                 center_crop=config.center_crop, random_flip=config.random_flip)
+                x0 = _encode_images(components, pixels.to(accelerator.device))
             with accelerator.autocast():
-                loss, logs = method.loss(latents[batch.to(latents.device)])
+                loss, logs = method.loss(x0)
             value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             if not torch.isfinite(torch.tensor(value)):
                 last = ckpt.latest_checkpoint(config.output_dir)
