@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import typing
 
 import yaml
@@ -80,10 +81,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.override(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+def log_to_stderr() -> None:
+    """INFO records of the `dcfast` loggers (the run summary, per-task evaluation) to stderr, once per process.
+
+    Python drops INFO records when no handler is set; a library must not configure the root logger, the
+    command line may configure its own.
+    """
+    logger = logging.getLogger("dcfast")
+    if not any(getattr(h, "_dcfast", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._dcfast = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, train, and print where each task's outputs went."""
     from dcfast.trainer import train
 
+    log_to_stderr()
     result = train(config_from_args(args))
     for folder, metrics in zip(result.task_dirs, result.metrics):
         print(f"{folder}: final_loss={metrics['final_loss']:.4f}")

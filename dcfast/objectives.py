@@ -8,7 +8,7 @@ pairs), so a Fisher pass with `num_samples=B` sees each image's rows together.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,14 +143,17 @@ def shard(num_items: int, rank: int, world: int) -> List[int]:
 
 
 def accumulate_fisher(acc, per_sample_losses: Callable[[List[int]], torch.Tensor], image_ids: Sequence[int],
-                      batch_size: int, params: Sequence[torch.nn.Parameter]) -> None:
+                      batch_size: int, params: Sequence[torch.nn.Parameter], progress: Optional[str] = None) -> None:
     """Add sum_n g_n^2 over `image_ids` to `acc`, `batch_size` images per backward (a sample never split).
 
     `per_sample_losses(ids)` returns the (len(ids),) losses whose gradients are the per-sample ones.
-    The .grad fields the backward passes leave on `params` are cleared afterwards.
+    The .grad fields the backward passes leave on `params` are cleared afterwards. `progress`: the label of
+    a progress bar over the backward passes (None: no bar).
     """
+    from tqdm.auto import tqdm
+
     ids = list(image_ids)
-    for start in range(0, len(ids), batch_size):
+    for start in tqdm(range(0, len(ids), batch_size), desc=progress, disable=progress is None, leave=False):
         chunk = ids[start:start + batch_size]
         with acc.track(num_samples=len(chunk)):
             per_sample_losses(chunk).sum().backward()

@@ -16,6 +16,7 @@ so a killed run never leaves a half-written file; `save_tensors` and `write_json
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +129,35 @@ def load_pipeline(run_dir: PathLike, task_index: int, device: str = "cpu"):
     base = run["config"]["pretrained_model_name_or_path"]
     if not (Path(base) / "vae").is_dir():
         raise ValueError(f"load_pipeline: base model {base!r} has no vae/; StableDiffusionPipeline needs one")
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True)
-    pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     for task in tasks[:task_index]:
         if task.token not in embeds[task.index] or len(embeds[task.index]) != 1:
             raise ValueError(f"corrupt run file {str(task_dir(run_dir, task.index) / EMBEDS_FILE)!r}: "
                              f"expected one tensor named {task.token!r}, got {sorted(embeds[task.index])}")
-        pipe.load_textual_inversion(embeds[task.index], token=task.token)
+    with _quiet_diffusers():  # eval loads every task state: one loading bar and LoRA notice each is noise
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        for task in tasks[:task_index]:
+            pipe.load_textual_inversion(embeds[task.index], token=task.token)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers at error verbosity and without its progress bars inside; both restored afterwards.
+
+    Silences the pipeline-loading bar and "No LoRA keys associated to CLIPTextModel" (dcfast's LoRA is on
+    the U-Net only, by design), which repeat once per task state in `dcfast eval`.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        if bars:
+            diffusers_logging.enable_progress_bar()

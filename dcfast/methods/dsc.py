@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from dcfast.adapters import lora_state, swapped_lora
 from dcfast.methods.base import Method, Models, TaskData
@@ -96,7 +97,8 @@ class Distiller:
             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon))
         batch = min(config.train_batch_size, task.latents.shape[0])
         logs: Dict[str, float] = {}
-        for _ in range(config.dsc_iterations):
+        for _ in tqdm(range(config.dsc_iterations), desc=f"task {task.index} DSC distillation", leave=False,
+                      disable=not accelerator.is_local_main_process):
             m = int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))  # same T2 on every process
             self.draws.append(m + 1)
             x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]

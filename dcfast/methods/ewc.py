@@ -58,8 +58,9 @@ class EWC(Method):
         past = [f.clone() for f in self.fisher.fisher.values()]
         self.fisher.reset()
         ids = shard(task.latents.shape[0], models.rank, models.world)
+        label = f"task {task.index} Fisher ({self.name})" if models.accelerator.is_local_main_process else None
         accumulate_fisher(self.fisher, self.fisher_losses(task), ids, config.fisher_batch_size,
-                          list(models.lora().values()))
+                          list(models.lora().values()), progress=label)
         self.fisher.all_reduce_()
         new = list(self.fisher.fisher.values())
         raw_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))

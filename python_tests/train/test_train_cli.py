@@ -46,3 +46,43 @@ def test_bf16_mixed_precision_in_a_fresh_process(tmp_path, model_dir, concepts):
     assert done.returncode == 0, done.stderr[-3000:]
     assert finished_tasks(tmp_path / "run") == [1, 2]
     assert read_json(task_dir(tmp_path / "run", 2) / "config.json")["mixed_precision"] == "bf16"
+
+
+def test_cli_prints_run_summary_and_phase_progress(make_config, tmp_path, capsys):
+    """The run summary (INFO) reaches stderr through the CLI's handler; the Fisher phase shows a bar."""
+    import logging
+
+    import yaml
+
+    from dcfast.cli import main
+
+    config = make_config("ewc", words=("dog",), max_train_steps=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    try:
+        assert main(["train", "--config", str(path)]) == 0
+    finally:
+        logger = logging.getLogger("dcfast")
+        for handler in [h for h in logger.handlers if getattr(h, "_dcfast", False)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert "***** dcfast.train: method=ewc *****" in err and "steps per task = 1" in err
+    assert "task 1 Fisher (ewc)" in err
+
+
+def test_loading_a_task_state_is_quiet(make_config, capfd):
+    """eval loads every task state: no diffusers loading bars or 'No LoRA keys ... CLIPTextModel' notices."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dcfast.runs import load_pipeline
+    from dcfast.trainer import train
+
+    config = make_config("lora", words=("dog",), max_train_steps=1)
+    train(config)
+    capfd.readouterr()
+    before = diffusers_logging.get_verbosity()
+    load_pipeline(config.output_dir, 1)
+    out, err = capfd.readouterr()
+    assert "Loading pipeline components" not in err + out and "No LoRA keys" not in err + out
+    assert diffusers_logging.get_verbosity() == before and diffusers_logging.is_progress_bar_enabled()
