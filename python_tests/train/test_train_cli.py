@@ -81,6 +81,7 @@ def test_loading_a_task_state_is_quiet(make_config, capfd):
     config = make_config("lora", words=("dog",), max_train_steps=1)
     train(config)
     capfd.readouterr()
+    diffusers_logging.enable_progress_bar()  # as a fresh process has them (another test may have turned them off)
     before = diffusers_logging.get_verbosity()
     load_pipeline(config.output_dir, 1)
     out, err = capfd.readouterr()
