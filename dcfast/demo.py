@@ -57,6 +57,7 @@ class DemoConfig:
     num_train_images: int = 8  # images per concept for training
     num_eval_images: int = 8  # held-out images per concept for accuracy and MMD
     num_images: int = 8  # generated images per (concept, task state) for MMD
+    fidelity_images: int = 32  # world: generated images per (concept, task state) the oracle judges
     num_inference_steps: int = 20  # DDIM steps when generating
     base_model: str = str(BASE_MODEL)
     train_overrides: Dict[str, object] = field(default_factory=dict)  # further TrainConfig fields
@@ -120,7 +121,8 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     train_seconds = time.perf_counter() - started
     log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
     eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
-                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress)
+                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
+                             fidelity_images=config.fidelity_images)
     result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
     result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
     paths = write_report(result)

@@ -41,6 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants")
     parser.add_argument("--output", default="benchmarks/world_regime.md", help="markdown table to write")
     parser.add_argument("--workdir", default="runs/world-regime", help="where the runs go")
+    parser.add_argument("--base_model", default=None, help="diffusers model dir (default: the shipped tiny base)")
+    parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     args = parser.parse_args(argv)
     if not args.sequence.endswith("-val"):
         raise SystemExit(f"--sequence: {args.sequence!r} is not a validation sequence; tune on *-val only")
@@ -50,7 +52,8 @@ def main(argv=None) -> None:
             started = time.time()
             config = DemoConfig(methods=["lora"], sequence=args.sequence, seed=seed, progress=False,
                                 output_dir=str(Path(args.workdir) / name.split(" (")[0].replace(" ", "-") / f"seed_{seed}"),
-                                train_overrides=VARIANTS[name])
+                                train_overrides=VARIANTS[name], fidelity_images=args.fidelity_images,
+                                **({"base_model": args.base_model} if args.base_model else {}))
             tasks = write_concepts(config)
             result = run_method(config, "lora", tasks, str(Path(config.output_dir) / "lora"), log=lambda line: None)
             data = json.loads(Path(result["report"]["metrics"]).read_text())

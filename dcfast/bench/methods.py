@@ -1,10 +1,11 @@
-"""`dcfast bench methods --seeds 3`: every continual-personalization method on the demo tasks.
+"""`dcfast bench methods --seeds 3`: every continual-personalization method on the demo's tasks.
 
-Runs the demo (`dcfast.demo`: same concepts, base model, steps and evaluation) once per (method, seed)
-and reports AMMD, BwT-MMD, final accuracy, forgetting, training and evaluation time per method as
-mean ± std over seeds (sample std; 0 with one seed), as a table (methods.md, methods.json) and a
-plot (methods.png) under the output folder. Seeds change the concept crops, the LoRA init, the
-training noise and the evaluation noise together.
+Runs the demo (`dcfast.demo`: by default the world's same-class test sequence, the shipped base
+model, the world's training settings and evaluation) once per (method, seed) and reports final
+fidelity, BwT-fidelity, fidelity forgetting (first N-1 concepts), AMMD, BwT-MMD, final DC accuracy,
+accuracy forgetting, training and evaluation time per method as mean ± std over seeds (sample std;
+0 with one seed), as a table (methods.md, methods.json) and a plot (methods.png) under the output
+folder. Seeds change the renders, the LoRA init, the training noise and the evaluation noise together.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 from dcfast.atomic import write_atomic, write_json_atomic
 from dcfast.demo import DemoConfig, replace, run_method, write_concepts
 
-METRICS = (("ammd", "AMMD ↓"), ("bwt_mmd", "BwT-MMD ↓ (+ = forgetting)"), ("final_accuracy", "final accuracy ↑"),
+METRICS = (("final_fidelity", "final fidelity ↑"), ("bwt_fidelity", "BwT-fidelity ↑ (− = forgetting)"),
+           ("fidelity_forgetting", "fidelity forgetting ↓"), ("ammd", "AMMD ↓"), ("bwt_mmd", "BwT-MMD ↓ (+ = forgetting)"), ("final_accuracy", "final accuracy ↑"),
            ("forgetting", "forgetting ↓"), ("train_seconds", "train s"), ("eval_seconds", "eval s"))
 
 
@@ -38,7 +40,7 @@ def table(stats: Dict[str, Dict[str, Dict[str, float]]], seeds: int) -> str:
     lines = [f"| method (mean ± std over {seeds} seeds) | " + " | ".join(label for _, label in METRICS) + " |",
              "|---|" + "---|" * len(METRICS)]
     for method, values in stats.items():
-        cells = [f"{values[k]['mean']:.4g} ± {values[k]['std']:.2g}" for k, _ in METRICS]
+        cells = [f"{values[k]['mean']:.4g} ± {values[k]['std']:.2g}" if values[k]["n"] else "–" for k, _ in METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -49,7 +51,8 @@ def plot(stats: Dict[str, Dict[str, Dict[str, float]]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = METRICS[:5]
+    panels = [m for m in METRICS if m[0] in ("final_fidelity", "fidelity_forgetting", "ammd", "final_accuracy",
+                                             "train_seconds")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2))
     names = list(stats)
     for ax, (key, title) in zip(axes, panels):
