@@ -82,6 +82,9 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2  # AdamW weight decay on the LoRA (none on the token), diffusers' default
     adam_epsilon: float = 1e-8  # AdamW epsilon (diffusers' default)
     max_grad_norm: float = 1.0  # gradient clipping norm (diffusers' default)
+    # Offset noise in the denoising loss (diffusers' --noise_offset): a per-(image, channel) constant of this std
+    # added to eps. 0 = plain noise (diffusers' default); use the value the base model was pretrained with.
+    noise_offset: float = 0.0
     max_train_steps: int = 200  # optimizer steps per task
     train_batch_size: int = 2  # images per process per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -374,7 +377,7 @@ def _problems(config: TrainConfig) -> List[str]:
     if config.temperature != "auto" and (not _number(config.temperature) or config.temperature <= 0):
         found.append(f"temperature: must be a number > 0 or 'auto', got {config.temperature!r}")
     for name in ("ewc_lambda", "delta", "dsc_alpha", "dsc_beta", "clora_lambda", "max_grad_norm", "adam_weight_decay",
-                 "dc_c0_weight"):
+                 "dc_c0_weight", "noise_offset"):
         if not _number(getattr(config, name)) or getattr(config, name) < 0:
             found.append(f"{name}: must be a number >= 0, got {getattr(config, name)!r}")
     if not _number(config.gamma) or not 0 <= config.gamma <= 1:

@@ -16,14 +16,19 @@ import torch.nn.functional as F
 from dcfast.scores import dc_logits, dc_scores, default_timesteps, training_target
 
 
-def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                 noise_offset: float = 0.0) -> torch.Tensor:
     """L_denoise = E ||target - model(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D).
 
     target = eps (epsilon models) or v = scheduler.get_velocity(x0, eps, t) (v-prediction models).
+    `noise_offset` > 0 adds a per-(image, channel) constant of that std to eps (offset noise, as
+    diffusers' training scripts' --noise_offset), so the prompt must carry the image's mean colour.
     """
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((B, x0.shape[1], 1, 1), generator=generator).to(x0)
     pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(B, -1, -1)).sample
     return F.mse_loss(pred.float(), training_target(scheduler, x0, noise, t).float())
 

@@ -90,7 +90,8 @@ class Method:
     def denoise(self, x0: torch.Tensor) -> torch.Tensor:
         """L_denoise on this batch under c_n."""
         cond = self.models.encode([self.task.prompt])[0]
-        return denoise_loss(self.models.unet, self.models.noise_scheduler, x0, cond, self.task.generator)
+        return denoise_loss(self.models.unet, self.models.noise_scheduler, x0, cond, self.task.generator,
+                            self.config.noise_offset)
 
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         loss = self.denoise(x0)
