@@ -10,7 +10,8 @@ For every task state j (the model after task j) and every concept i <= j seen by
 - I2I[i, j] (only with CLIP features): mean cosine similarity of generated vs real embeddings;
 - fidelity F[i, j] (only for the tiny world's concepts, DESIGN 6): the fraction of `fidelity_images`
   samples of concept i's prompt under state j that the oracle (`dcfast.oracle`) judges to carry every
-  defining attribute of concept i; shape-only, colour-only, pattern-only and background-only beside it.
+  defining attribute of concept i (shape and colour, `dcfast.world.DEFINING`); shape-only, colour-only,
+  pattern-only and background-only beside it.
 
 The run directory is read through `dcfast.runs` (`read_run`, `load_pipeline`), imported lazily.
 Concepts without a held-out folder are evaluated on their training images; the report says so.

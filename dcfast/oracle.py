@@ -6,8 +6,8 @@ generative learning. Trained on fresh renders with blur, noise and colour jitter
 attribute in `oracle.json`).
 
 **Concept fidelity** of a set of samples of concept i's prompt is the fraction of samples the oracle
-judges to carry *every* defining attribute of concept i (`world.ATTRIBUTES`); shape-only and
-colour-only fidelity are reported beside it.
+judges to carry *every* defining attribute of concept i (`world.DEFINING`: shape and colour); the
+fraction for each attribute of `world.ATTRIBUTES` alone is reported beside it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from dcfast.world import ATTRIBUTES, RESOLUTION, Concept
+from dcfast.world import ATTRIBUTES, DEFINING, RESOLUTION, Concept
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ORACLE_FILE = ASSETS / "oracle.safetensors"
@@ -85,10 +85,10 @@ def read_attributes(oracle: Oracle, images: torch.Tensor, batch: int = 256) -> D
 
 
 def fidelity(readings: Dict[str, torch.Tensor], concept: Concept) -> Dict[str, float]:
-    """Fractions of samples carrying all of the concept's defining attributes ("all"), and each one alone."""
+    """Fractions of samples carrying all of the concept's defining attributes ("all"), and each attribute alone."""
     labels = concept.labels()
     hits = {name: readings[name] == labels[name] for name in ATTRIBUTES}
-    every = torch.stack(list(hits.values())).all(dim=0)
+    every = torch.stack([hits[name] for name in DEFINING]).all(dim=0)
     return {"all": float(every.double().mean()), **{name: float(hit.double().mean()) for name, hit in hits.items()}}
 
 

@@ -130,7 +130,7 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
                   "| " + " | ".join(_fmt(s.get(k)) for k in ("final_fidelity", "bwt_fidelity", "fidelity_forgetting",
                                                            "final_shape_fidelity", "final_colour_fidelity")) + " |"]
         for name, matrix in data["fidelity"].items():
-            label = "all defining attributes" if name == "all" else f"{name} only"
+            label = "every defining attribute (shape and colour)" if name == "all" else f"{name} only"
             lines += ["", f"### F[i, j]: {label}", "", _matrix_table(matrix, digits=3)]
     lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in images.items()]
     return "\n".join(lines) + "\n"
@@ -146,7 +146,7 @@ def write_report(result, out_dir: Optional[str] = None) -> Dict[str, str]:
     if data["i2i"] is not None:
         images["i2i"] = _heatmap(data["i2i"], "CLIP I2I", os.path.join(out_dir, "i2i.png"), "viridis")
     if data.get("fidelity") is not None:
-        images["fidelity"] = _heatmap(data["fidelity"]["all"], "concept fidelity F[i, j] (oracle: all attributes)",
+        images["fidelity"] = _heatmap(data["fidelity"]["all"], "concept fidelity F[i, j] (oracle: shape and colour)",
                                       os.path.join(out_dir, "fidelity.png"), "viridis")
     for task in result.tasks:
         i = task["index"]

@@ -76,9 +76,10 @@ def test_validation_and_test_concepts_are_disjoint_and_sequences_well_formed():
             assert len(set(shapes)) == 1
         else:
             assert len(set(shapes)) == len(shapes)
-        for a in concepts:  # every pair differs in at least two defining attributes: learning one conflicts
+        for a in concepts:  # every pair differs in a defining attribute and in two attributes: learning one conflicts
             for b in concepts:
                 if a is not b:
+                    assert any(a.labels()[k] != b.labels()[k] for k in world.DEFINING), (a.name, b.name)
                     assert sum(a.labels()[k] != b.labels()[k] for k in world.ATTRIBUTES) >= 2, (a.name, b.name)
 
 
@@ -131,8 +132,10 @@ def test_fidelity_of_a_hand_made_reading():
     labels = concept.labels()
     reading = {name: torch.full((4,), value) for name, value in labels.items()}
     reading["colour"] = torch.tensor([labels["colour"], labels["colour"], 0, 0])  # 0 = red, not teal
+    reading["pattern"] = torch.tensor([labels["pattern"], 0, 0, 0])  # 0 = solid: read, not required
     result = fidelity(reading, concept)
-    assert result == {"all": 0.5, "shape": 1.0, "colour": 0.5, "pattern": 1.0, "background": 1.0}
+    assert result == {"all": 0.5, "shape": 1.0, "colour": 0.5, "pattern": 0.25, "background": 1.0}
+    assert world.DEFINING == ("shape", "colour")
 
 
 def test_missing_or_corrupt_oracle_names_the_file_and_the_script(tmp_path):

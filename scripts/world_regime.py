@@ -31,6 +31,9 @@ VARIANTS = {
     "half the steps": {"max_train_steps": WORLD_TRAIN["max_train_steps"] // 2},
     "twice the steps": {"max_train_steps": WORLD_TRAIN["max_train_steps"] * 2},
     "rank 16": {"rank": 16},
+    "lora lr 3e-3": {"learning_rate": 3e-3},
+    "LoRA on attention, feed-forward and time-embedding projections": {
+        "target_modules": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]},
 }
 
 
