@@ -51,18 +51,12 @@ def _check_matrix(name: str, matrix: torch.Tensor) -> torch.Tensor:
 
 def ammd(mmd: torch.Tensor) -> float:
     """AMMD = mean_i M[i, N]: mean MMD of every concept under the final model."""
-    mmd = _check_matrix("mmd", mmd)
-    return float(mmd[:, -1].mean())
+    return final_score(mmd, "mmd")
 
 
 def bwt_mmd(mmd: torch.Tensor) -> float:
     """BwT-MMD = mean_{i<N} (M[i, N] - M[i, i]); positive = forgetting (MMD grew). NaN when N = 1."""
-    mmd = _check_matrix("mmd", mmd)
-    n = mmd.shape[0]
-    if n < 2:
-        return math.nan
-    idx = torch.arange(n - 1)
-    return float((mmd[idx, -1] - mmd[idx, idx]).mean())
+    return bwt(mmd, "mmd")
 
 
 def final_score(matrix: torch.Tensor, name: str = "matrix") -> float:
