@@ -1,5 +1,5 @@
 """Models: the tiny Stable-Diffusion-layout components built in code (tests, demo, benchmarks), and
-loading a local diffusers directory (local files only, nothing is downloaded).
+loading a local diffusers directory or a Hub id already in the local cache (nothing is downloaded).
 
 The U-Net mirrors SD 1.x's block layout (cross-attention at full resolution first) at toy width.
 """
@@ -230,14 +230,19 @@ def check_prediction_type(path: Union[str, Path], field: str = "pretrained_model
     return kind
 
 
-def load_components(path: Union[str, Path]) -> Components:
-    """Read a local diffusers directory (local files only); no vae/ means the model works in pixel space."""
-    path = check_model_dir(path)
+def load_components(path: Union[str, Path], revision: Optional[str] = None, variant: Optional[str] = None) -> Components:
+    """Read a local diffusers directory or a Hub id from the local cache (local files only, see dcfast.hub);
+    `variant` picks e.g. the fp16 weight files. No vae/ means the model works in pixel space."""
+    from dcfast.hub import check_variant, resolve_model
+
+    path = check_model_dir(resolve_model(path, revision))
+    check_variant(path, variant)
     kw = dict(local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).eval() if (path / "vae").is_dir() else None
+    weights = dict(kw, variant=variant) if variant else kw
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights).eval() if (path / "vae").is_dir() else None
     return Components(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).eval(),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw).eval(),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         vae=vae,

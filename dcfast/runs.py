@@ -109,15 +109,58 @@ def read_run(run_dir: PathLike) -> List[TaskRecord]:
         raise ValueError(f"corrupt run file {str(Path(run_dir) / RUN_FILE)!r}: missing {error}") from error
 
 
+def base_model(run_dir: PathLike) -> Dict[str, Optional[str]]:
+    """The run's base model as its config names it: name_or_path (a local dir or a Hub id), revision, variant."""
+    config = read_json(Path(run_dir) / RUN_FILE)["config"]
+    return {"name_or_path": config["pretrained_model_name_or_path"], "revision": config.get("revision"),
+            "variant": config.get("variant")}
+
+
+def check_state_embeddings(run_dir: PathLike, task_index: int) -> Dict[int, Dict[str, torch.Tensor]]:
+    """The modifier-token embeddings task state `task_index` needs: those of tasks 1..task_index, by task index.
+
+    Refuses a state with any of them missing or damaged, naming the files: without <v_i>'s embedding the
+    tokenizer would split "<v_i>" into "<", "v", "i", ">" and the prompt would silently mean something else.
+    """
+    run_dir = Path(run_dir)
+    tasks = read_run(run_dir)[:task_index]
+    missing = [t for t in tasks if not (task_dir(run_dir, t.index) / EMBEDS_FILE).is_file()]
+    if missing:
+        names = ", ".join(f"{str(task_dir(run_dir, t.index) / EMBEDS_FILE)!r} ({t.token})" for t in missing)
+        raise FileNotFoundError(f"task state {task_index} of run {str(run_dir)!r} needs the modifier-token embeddings "
+                                f"of tasks 1..{task_index}, and {len(missing)} are missing: {names}; without them "
+                                f"each such token would be split into pieces ('<', 'v', ...) and its prompt would "
+                                f"silently lose the concept. Restore the files from the run, or load an earlier state")
+    embeds = {t.index: load_tensors(task_dir(run_dir, t.index) / EMBEDS_FILE) for t in tasks}
+    for task in tasks:
+        found = embeds[task.index]
+        if task.token not in found or len(found) != 1 or found[task.token].dim() != 1:
+            raise ValueError(f"corrupt run file {str(task_dir(run_dir, task.index) / EMBEDS_FILE)!r}: expected one "
+                             f"(D,) tensor named {task.token!r}, got "
+                             f"{ {k: tuple(v.shape) for k, v in found.items()} }")
+    return embeds
+
+
+def check_tokens_whole(tokenizer, tokens: List[str], where: str) -> None:
+    """ValueError when a modifier token does not tokenize to exactly one id (its embedding was not loaded)."""
+    split = {t: tokenizer.tokenize(t) for t in tokens if len(tokenizer.tokenize(t)) != 1}
+    if split:
+        raise ValueError(f"{where}: modifier token(s) {sorted(split)} are not in the tokenizer and would be split "
+                         f"({split}); load every learned embedding of tasks 1..N before prompting state N")
+
+
 def load_pipeline(run_dir: PathLike, task_index: int, device: str = "cpu"):
     """The base model with task `task_index`'s LoRA and every modifier token learned up to that task.
 
-    Raises FileNotFoundError / ValueError naming the file when a task output is missing or corrupt.
+    The base model is the run's pretrained_model_name_or_path (a local directory, or a Hub id read from the local
+    cache at the run's revision), with the run's weight variant. Raises FileNotFoundError / ValueError naming the
+    file when a task output is missing or corrupt, or when any embedding of tasks 1..task_index is missing.
     """
     from diffusers import StableDiffusionPipeline
 
+    from dcfast.hub import resolve_model
+
     run_dir = Path(run_dir)
-    run = read_json(run_dir / RUN_FILE)
     tasks = read_run(run_dir)
     if not 1 <= task_index <= len(tasks):
         raise ValueError(f"task_index must be in [1, {len(tasks)}] for run {str(run_dir)!r}, got {task_index}")
@@ -125,20 +168,20 @@ def load_pipeline(run_dir: PathLike, task_index: int, device: str = "cpu"):
     if not (folder / METRICS_FILE).is_file():
         raise FileNotFoundError(f"task {task_index} of run {str(run_dir)!r} is not finished: missing {str(folder / METRICS_FILE)!r}")
     load_tensors(folder / LORA_FILE)  # a clear error for a missing or damaged file before diffusers sees it
-    embeds = {t.index: load_tensors(task_dir(run_dir, t.index) / EMBEDS_FILE) for t in tasks[:task_index]}
-    base = run["config"]["pretrained_model_name_or_path"]
-    if not (Path(base) / "vae").is_dir():
-        raise ValueError(f"load_pipeline: base model {base!r} has no vae/; StableDiffusionPipeline needs one")
-    for task in tasks[:task_index]:
-        if task.token not in embeds[task.index] or len(embeds[task.index]) != 1:
-            raise ValueError(f"corrupt run file {str(task_dir(run_dir, task.index) / EMBEDS_FILE)!r}: "
-                             f"expected one tensor named {task.token!r}, got {sorted(embeds[task.index])}")
+    embeds = check_state_embeddings(run_dir, task_index)
+    model = base_model(run_dir)
+    base = resolve_model(model["name_or_path"], model["revision"])
+    if not (base / "vae").is_dir():
+        raise ValueError(f"load_pipeline: base model {model['name_or_path']!r} has no vae/; StableDiffusionPipeline "
+                         f"needs one")
+    weights = {"variant": model["variant"]} if model["variant"] else {}
     with _quiet_diffusers():  # eval loads every task state: one loading bar and LoRA notice each is noise
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
+                                                       local_files_only=True, **weights)
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
         for task in tasks[:task_index]:
             pipe.load_textual_inversion(embeds[task.index], token=task.token)
+    check_tokens_whole(pipe.tokenizer, [t.token for t in tasks[:task_index]], f"task state {task_index}")
     return pipe.to(device)
 
 
