@@ -24,7 +24,9 @@ from dcfast.data import DEFAULT_PROMPT_TEMPLATE, check_image_folder
 METHODS = ("lora", "ewc", "ewc-dc", "dsc", "dsc+ewc-dc", "c-lora")  # = the registry of dcfast.methods
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all")  # accelerate trackers; "all": every one installed
+# accelerate's trackers (accelerate.utils.LoggerType); "all": every one installed. validate() checks that the
+# chosen one is installed (accelerate.tracking.get_available_trackers), before any model loads.
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 DC_LOSSES = ("l2", "l1", "huber")
 DC_PUSH = ("spec", "complement", "none")  # EWC-DC's term for the concepts i != n of S (DESIGN 1)
 FISHER_NORMALIZE = ("mean", "none")
@@ -55,7 +57,11 @@ class TaskConfig:
 class TrainConfig:
     """Hyperparameters of a continual-personalization run. Steps, batch size and rates are per task."""
 
-    pretrained_model_name_or_path: str = ""  # local diffusers dir (unet/, text_encoder/, tokenizer/, scheduler/, [vae/])
+    # A local diffusers dir (unet/, text_encoder/, tokenizer/, scheduler/, [vae/]) or a Hub id ("org/name") already in
+    # the local Hugging Face cache (HF_HUB_CACHE / HF_HOME; local_files_only: nothing is downloaded, `hf download` does).
+    pretrained_model_name_or_path: str = ""
+    revision: Optional[str] = None  # Hub ids: the cached branch, tag or commit to load (None: main)
+    variant: Optional[str] = None  # weight-file variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); None: default
     output_dir: str = "runs/dcfast"  # where task_{i}/ outputs and checkpoints are written
     method: str = "ewc-dc"  # lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora
     tasks: List[TaskConfig] = field(default_factory=list)  # [{images: <folder>, class_word: <word>, prompt?, eval_images?}]
@@ -88,7 +94,14 @@ class TrainConfig:
     max_train_steps: int = 200  # optimizer steps per task
     train_batch_size: int = 2  # images per process per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; LoRA weights and optimizer stay fp32)
+    # no | fp16 | bf16: autocast, and the frozen U-Net, VAE and text encoder are cast to that dtype (diffusers' weight_dtype);
+    #   the LoRA, the modifier token and the optimizer stay fp32
+    mixed_precision: str = "no"
+    # Recompute U-Net activations in the backward pass (diffusers' --gradient_checkpointing): less memory, slower steps.
+    # The Fisher and DSC phases run without it (the Fisher's hooks need exactly one forward per backward).
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere and newer GPUs during the run (diffusers' --allow_tf32)
+    use_8bit_adam: bool = False  # bitsandbytes' 8-bit AdamW for each task's optimizer (diffusers' --use_8bit_adam)
     seed: int = 0  # seed of every random stream of the run
     resolution: Optional[int] = None  # None: the model's (U-Net sample size x VAE downsampling); > 0, a multiple of 8
     # Training-step augmentation, diffusers' --center_crop / --random_flip (images are resized so the shorter side is
@@ -155,7 +168,15 @@ class TrainConfig:
     # Runs.
     checkpointing_steps: int = 50  # mid-task checkpoint (LoRA, token, optimizer, RNG) every N steps
     resume_from_checkpoint: Optional[str] = None  # "latest" (continue the run in output_dir) or a checkpoint directory
-    report_to: Optional[str] = None  # an accelerate tracker (tensorboard | wandb | comet_ml | all), logs in output_dir/logs
+    # an accelerate tracker (tensorboard | wandb | comet_ml | all | ...), logs in output_dir/logs: per-step losses and
+    # their parts, validation images
+    report_to: Optional[str] = None
+    # Prompts sampled after each task with the state just written: task_{i}/validation.png (a row per prompt) and the
+    # trackers. {token} and {class_word} stand for the task's; a prompt naming a later task's token waits for it.
+    validation_prompts: List[str] = field(default_factory=list)
+    num_validation_images: int = 4  # images per validation prompt (diffusers' default)
+    validation_inference_steps: int = 20  # DDIM steps of validation sampling (dcfast eval's default)
+    validation_guidance_scale: float = 7.5  # classifier-free guidance of validation sampling (dcfast eval's default)
     eval_every_task: bool = False  # evaluate every task state right after it is written (task_{i}/eval.json)
     eval_num_images: int = 4  # generated images per concept for that evaluation's MMD (>= 2)
 
@@ -315,6 +336,7 @@ def _task(index: int, value: Any) -> TaskConfig:
 def _problems(config: TrainConfig) -> List[str]:
     """Every problem of `config` as 'field: what is wrong; the fix'."""
     from dcfast.methods import get_method  # local import: the registry imports the training stack
+    from dcfast.hub import check_variant, resolve_model
     from dcfast.models import check_model_dir, check_prediction_type
     from dcfast.runs import finished_tasks
 
@@ -325,13 +347,20 @@ def _problems(config: TrainConfig) -> List[str]:
             run()
         except ValueError as error:
             message = str(error)
-            found.append(message if message.startswith(field_name) else f"{field_name}: {message}")
+            named = message.startswith(field_name) or message.split(":", 1)[0] in _FIELDS  # e.g. variant: ...
+            found.append(message if named else f"{field_name}: {message}")
 
     if not config.pretrained_model_name_or_path:
-        found.append("pretrained_model_name_or_path: not set; give a local diffusers model directory")
+        found.append("pretrained_model_name_or_path: not set; give a local diffusers model directory or a Hub id in "
+                     "the local Hugging Face cache")
     else:
-        check("pretrained_model_name_or_path", lambda: (check_model_dir(config.pretrained_model_name_or_path),
-                                                        check_prediction_type(config.pretrained_model_name_or_path)))
+        def model_checks() -> None:
+            path = resolve_model(config.pretrained_model_name_or_path, config.revision)
+            check_model_dir(path)
+            check_prediction_type(path)
+            check_variant(path, config.variant, repo_id=None if Path(config.pretrained_model_name_or_path).is_dir()
+                          else config.pretrained_model_name_or_path)
+        check("pretrained_model_name_or_path", model_checks)
     check("method", lambda: get_method(config.method))
     if not config.output_dir:
         found.append("output_dir: not set; give a directory for the run's outputs")
@@ -389,9 +418,20 @@ def _problems(config: TrainConfig) -> List[str]:
             found.append(f"{name}: must be true or false, got {getattr(config, name)!r}")
     if config.eval_every_task and config.eval_num_images < 2:
         found.append(f"eval_num_images: must be >= 2 (unbiased MMD needs two samples), got {config.eval_num_images}")
-    if config.report_to in REPORT_TO and config.report_to != "all" and importlib.util.find_spec(config.report_to) is None:
-        found.append(f"report_to: {config.report_to} is not installed; pip install {config.report_to}, or leave "
-                     f"report_to unset")
+    if config.report_to in REPORT_TO:
+        found.extend(_tracker_problems(config.report_to))
+    if config.use_8bit_adam is True and importlib.util.find_spec("bitsandbytes") is None:
+        found.append("use_8bit_adam: needs bitsandbytes, which is not installed; pip install bitsandbytes, or set "
+                     "use_8bit_adam: false")
+    if not isinstance(config.validation_prompts, list) or not all(isinstance(p, str) and p.strip()
+                                                                  for p in config.validation_prompts):
+        found.append(f"validation_prompts: must be a list of non-empty prompts, got {config.validation_prompts!r}")
+    for name, low in (("num_validation_images", 1), ("validation_inference_steps", 1)):
+        value = getattr(config, name)
+        if config.validation_prompts and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            found.append(f"{name}: must be an integer >= {low} when validation_prompts are given, got {value!r}")
+    if not _number(config.validation_guidance_scale) or config.validation_guidance_scale < 0:
+        found.append(f"validation_guidance_scale: must be a number >= 0, got {config.validation_guidance_scale!r}")
     resume = config.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         found.append(f"resume_from_checkpoint: {resume!r} is neither 'latest' nor an existing checkpoint directory")
@@ -399,6 +439,20 @@ def _problems(config: TrainConfig) -> List[str]:
         found.append(f"output_dir: {config.output_dir!r} already holds finished tasks; pass "
                      f"--resume_from_checkpoint latest to continue that run, or choose a new output_dir")
     return found
+
+
+def _tracker_problems(report_to: str) -> List[str]:
+    """report_to names an accelerate tracker that is installed ("all": at least one is)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = sorted(str(t.value if hasattr(t, "value") else t) for t in get_available_trackers())
+    if report_to == "all":
+        return [] if available else ["report_to: 'all' logs to every installed tracker, but none is installed; pip "
+                                     "install tensorboard (or wandb, comet_ml), or leave report_to unset"]
+    if report_to not in available:
+        return [f"report_to: {report_to} is not installed (installed trackers: {', '.join(available) or 'none'}); "
+                f"pip install {report_to}, or leave report_to unset"]
+    return []
 
 
 def _check_eval_images(task: TaskConfig, field_name: str) -> None:
@@ -440,6 +494,9 @@ def field_help() -> Dict[str, str]:
         else:
             block, last = [], (None if not stripped else last)
     return helps
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _number(value: Any) -> bool:

@@ -40,7 +40,8 @@ class ModifierToken:
     def __init__(self, text_encoder, token: str, token_id: int, init: torch.Tensor):
         self.token, self.token_id, self.text_encoder = token, token_id, text_encoder
         embeddings = text_encoder.get_input_embeddings()
-        self.param = torch.nn.Parameter(init.detach().clone().view(1, -1).to(embeddings.weight))
+        # fp32 even when the table is fp16/bf16 (mixed precision casts the frozen text encoder, not what trains)
+        self.param = torch.nn.Parameter(init.detach().clone().view(1, -1).to(embeddings.weight.device, torch.float32))
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = embeddings.register_forward_hook(self._splice)
 
     def _splice(self, module, inputs, output):
@@ -64,8 +65,9 @@ def set_embedding(text_encoder, token_id: int, embedding: torch.Tensor) -> None:
 
 
 def encode_prompts(text_encoder, tokenizer, prompts: List[str]) -> torch.Tensor:
-    """Encoder hidden states (K, L, D) of K prompts, padded to the tokenizer's model_max_length."""
+    """Encoder hidden states (K, L, D) of K prompts, padded to the tokenizer's model_max_length; float32 like the
+    latents (a text encoder cast to fp16/bf16 under mixed precision gives its own dtype; autocast casts again)."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     device = text_encoder.get_input_embeddings().weight.device
-    return text_encoder(ids.to(device))[0]
+    return text_encoder(ids.to(device))[0].float()

@@ -6,6 +6,7 @@ supplies the loss and the between-task consolidation; everything else lives here
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dcfast import checkpoint as ckpt
+from dcfast import monitor
 from dcfast.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
 from dcfast.config import RENAMED, TrainConfig
 from dcfast.data import augment, load_images, load_resized
@@ -31,7 +33,10 @@ logger = get_logger(__name__)
 StepCallback = Callable[[int, int, Models], None]
 # Config fields a resumed run may change; every other field must match the run being continued.
 RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "report_to", "checkpointing_steps", "eval_every_task",
-                     "eval_num_images"}
+                     "eval_num_images", "validation_prompts", "num_validation_images", "validation_inference_steps",
+                     "validation_guidance_scale", "gradient_checkpointing", "allow_tf32"}
+# diffusers' weight_dtype: under mixed precision the frozen weights are cast to it (the LoRA and the token stay fp32).
+WEIGHT_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -42,6 +47,7 @@ class TrainResult:
     task_dirs: List[Path] = field(default_factory=list)
     metrics: List[Dict[str, float]] = field(default_factory=list)
     method: Optional[Method] = None
+    loss_curve: Optional[Path] = None  # output_dir/loss_curve.png
 
 
 def _generator(seed: int, task: int, stream: int) -> torch.Generator:
@@ -88,8 +94,46 @@ def _encode_images(components: Components, images: torch.Tensor) -> torch.Tensor
     if components.vae is None:
         return images
     with torch.no_grad():
-        latents = components.vae.encode(images).latent_dist.mode()
+        latents = components.vae.encode(images.to(components.vae.dtype)).latent_dist.mode().float()
     return latents * components.vae.config.scaling_factor
+
+
+def _log_with(config: TrainConfig):
+    """accelerate's log_with: the config's tracker name, or None (tests substitute a custom GeneralTracker)."""
+    return config.report_to
+
+
+def _optimizer_class(config: TrainConfig):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (use_8bit_adam; validate() checked that it is installed)."""
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit
+
+
+def cast_frozen_weights(components: Components, dtype: torch.dtype) -> None:
+    """The frozen weights in `dtype`, as diffusers' LoRA scripts do under mixed precision: the U-Net's base weights,
+    the VAE, the text encoder. The LoRA parameters keep their fp32 (never rounded through `dtype`); the modifier
+    token trains as a separate fp32 parameter (dcfast.tokens)."""
+    for name, param in components.unet.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            param.data = param.data.to(dtype)
+    for module in (components.text_encoder, components.vae):
+        if module is not None:
+            module.to(dtype=dtype)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """allow_tf32: TF32 matmuls and cuDNN convolutions for the run; the process's settings come back after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _restore_finished(models: Models, method: Method, output_dir: str, plan: List[Dict], done: int) -> None:
@@ -126,12 +170,18 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> 
     `step_callback(task_index, step, models)` runs after each optimizer step (progress hooks, tests).
     """
     config.validate()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
+    with _tf32(config.allow_tf32):
+        return _train(config, step_callback)
+
+
+def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainResult:
+    log_with = _log_with(config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
                               project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
     torch.manual_seed(config.seed)
 
-    # 1. Load the base model from a local diffusers directory, and freeze all of it.
-    components = load_components(config.pretrained_model_name_or_path)
+    # 1. Load the base model (a local diffusers directory or a cached Hub id), and freeze all of it.
+    components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
     if components.vae is None and components.unet.config.in_channels != 3:
         raise ValueError(f"pretrained_model_name_or_path: {config.pretrained_model_name_or_path!r} has no vae/, so it "
                          f"must work on RGB pixels, but its U-Net takes {components.unet.config.in_channels} channels; "
@@ -146,6 +196,10 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> 
     for module in (components.unet, components.text_encoder, components.vae):
         if module is not None:
             module.to(device)
+    if WEIGHT_DTYPES[config.mixed_precision] is not None:
+        cast_frozen_weights(components, WEIGHT_DTYPES[config.mixed_precision])
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
     models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,
                     accelerator)
     method = get_method(config.method)(config, models)
@@ -165,7 +219,7 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> 
             checkpoint = None  # a stale checkpoint of a task whose outputs are already written
     if accelerator.is_main_process:
         write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": plan})
-    if config.report_to:
+    if log_with:
         accelerator.init_trackers("dcfast", config={k: v for k, v in config.to_dict().items()
                                                     if isinstance(v, (int, float, str, bool))})
 
@@ -177,6 +231,9 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> 
                 f"gradient accumulation = {config.gradient_accumulation_steps}, processes = {accelerator.num_processes}")
     logger.info(f"  LoRA rank {config.rank} on {config.target_modules}: {lora_count} parameters; "
                 f"mixed precision = {config.mixed_precision}; resolution = {resolution}")
+    logger.info(f"  base model = {config.pretrained_model_name_or_path} (revision {config.revision}, variant "
+                f"{config.variant}); gradient checkpointing = {config.gradient_checkpointing}; trackers = "
+                f"{[t.name for t in accelerator.trackers]}; validation prompts = {len(config.validation_prompts)}")
 
     result = TrainResult(Path(config.output_dir), method=method)
     for task in plan[:done]:
@@ -187,6 +244,9 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> 
         checkpoint = None
         result.task_dirs.append(task_dir(config.output_dir, task["index"]))
         result.metrics.append(metrics)
+    if accelerator.is_main_process:
+        result.loss_curve = monitor.write_loss_curve(config.output_dir, len(plan))
+        logger.info(f"  loss curve: {result.loss_curve}")
     for tracker in accelerator.trackers:  # not end_training(): it would destroy the process group,
         tracker.finish()                  # and train() may run again in this process (notebooks, tests)
     return result
@@ -215,12 +275,13 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     data = TaskData(index=n, latents=latents, prompt=task["prompt"], class_prompt=task["class_prompt"],
                     past_prompts=[t["prompt"] for t in plan[:n - 1]], generator=generators["local"],
                     shared_generator=generators["shared"], seed=config.seed * 1009 + n)
-    method.begin_task(data)
+    with accelerator.autocast():  # the auto tau runs the U-Net, whose frozen weights may be fp16/bf16
+        method.begin_task(data)
 
     # c. Optimizer over the LoRA and the token (no weight decay on the token), LR schedule, prepare.
     lora = list(models.lora().values())
     params = lora + [models.token.param]
-    optimizer = torch.optim.AdamW(
+    optimizer = _optimizer_class(config)(
         [{"params": lora, "lr": config.learning_rate},
          {"params": [models.token.param], "lr": config.token_learning_rate, "weight_decay": 0.0}],
         betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
@@ -229,7 +290,7 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     optimizer = accelerator.prepare(optimizer)  # the U-Net stays bare: gradients are averaged explicitly
 
     # d. Continue a killed run from its mid-task checkpoint: weights, optimizer, schedule, RNG.
-    first_step, losses = 0, []
+    first_step, history = 0, monitor.LossHistory()
     if checkpoint is not None:
         load_lora_state(models.unet, checkpoint.prefixed("lora."))
         with torch.no_grad():
@@ -242,13 +303,15 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
             raise ValueError(f"resume_from_checkpoint: {str(checkpoint.path)!r} was written by fewer processes than "
                              f"the {accelerator.num_processes} running now; resume with the same number of processes")
         generators["local"].set_state(checkpoint.tensors[local])
-        first_step, losses = checkpoint.step, ckpt.losses_from(checkpoint)
+        first_step = checkpoint.step
+        history = monitor.LossHistory(ckpt.losses_from(checkpoint), checkpoint.meta.get("loss_parts"))
+    losses = history.train["loss"]
 
     # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
     progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
                     desc=f"task {n}/{len(plan)} ({config.method})", disable=not accelerator.is_local_main_process)
     for step in progress:
-        step_loss = 0.0
+        step_loss, step_parts = 0.0, {}
         for _ in range(config.gradient_accumulation_steps):
             batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
             if uncropped is None:
@@ -268,17 +331,20 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                     f"(resume with --resume_from_checkpoint latest after lowering learning_rate)")
             accelerator.backward(loss / config.gradient_accumulation_steps)
             step_loss += value / config.gradient_accumulation_steps
+            for key, part in logs.items():
+                step_parts[key] = step_parts.get(key, 0.0) + part / config.gradient_accumulation_steps
         models.average_gradients(params)
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+        history.add_step(step_loss, step_parts)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        accelerator.log({f"task_{n}/loss": step_loss, **{f"task_{n}/{k}": v for k, v in logs.items()}},
-                        step=(n - 1) * config.max_train_steps + step + 1)
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0],
+                         **{f"loss/{k}": v for k, v in step_parts.items()}, "task": n},
+                        step=monitor.train_step(config, n, step + 1))
         if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, n, step + 1, losses)
+            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, n, step + 1, history)
         if step_callback is not None:
             step_callback(n, step + 1, models)
     progress.close()
@@ -286,18 +352,40 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     # f. Freeze the token, consolidate (Fisher, DSC), write task_{n}/ (metrics.json last).
     embedding = models.token.freeze()
     models.token = None
-    with accelerator.autocast():
+    if config.gradient_checkpointing:  # the Fisher's hooks must see each forward once, not again in the backward
+        models.unet.disable_gradient_checkpointing()
+
+    def log_distill(values: Dict[str, float], iteration: int) -> None:
+        accelerator.log({f"distill/{k}": v for k, v in values.items()}, step=monitor.distill_step(config, n, iteration))
+
+    with accelerator.autocast(), monitor.distillation_logging(method, history, log_distill):
         consolidation = method.end_task(data)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
     metrics = {"task": n, "steps": config.max_train_steps, "final_loss": losses[-1] if losses else float("nan"),
                "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
                "seconds": time.time() - started, **consolidation}
     if accelerator.is_main_process:
         _write_task_outputs(config, method, models, task, embedding, metrics)
+        history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, monitor.train_step(config, n, 0))
         ckpt.remove_checkpoints(config.output_dir)
+        _validate_task(config, components, models, plan, n)
         if config.eval_every_task:
             _evaluate_task(config, n, accelerator.device)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _validate_task(config: TrainConfig, components: Components, models: Models, plan: List[Dict], n: int) -> None:
+    """validation_prompts: samples of the state just written into task_{n}/validation.png and the trackers."""
+    prompts = monitor.validation_prompts(config, plan, n)
+    if not prompts:
+        return
+    logger.info(f"  validation: {config.num_validation_images} image(s) of {len(prompts)} prompt(s) at task state {n}")
+    rows = monitor.sample_validation(config, components, models, prompts)
+    path = monitor.save_grid(rows, task_dir(config.output_dir, n) / monitor.VALIDATION_FILE)
+    monitor.log_images(models.accelerator, rows, prompts, monitor.train_step(config, n + 1, 0))
+    logger.info(f"  validation grid: {path}")
 
 
 def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
@@ -310,7 +398,7 @@ def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
 
 
 def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],
-                     task: int, step: int, losses: List[float]) -> None:
+                     task: int, step: int, history: monitor.LossHistory) -> None:
     """Every process's RNG goes to the main process, which writes the checkpoint."""
     accelerator = models.accelerator
     local_states = accelerator.gather(generators["local"].get_state().unsqueeze(0))
@@ -320,5 +408,6 @@ def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_schedule
         tensors.update({f"rng.local.{r}": s for r, s in enumerate(local_states)})
         tensors["rng.shared"] = generators["shared"].get_state()
         ckpt.save_checkpoint(config.output_dir, task, step, tensors, optimizer,
-                             {"lr_scheduler": lr_scheduler.state_dict(), "losses": losses})
+                             {"lr_scheduler": lr_scheduler.state_dict(), "losses": history.train["loss"],
+                              "loss_parts": history.parts()})
     accelerator.wait_for_everyone()

@@ -85,7 +85,8 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"dsc_teacher_pool": "latest"}, r"dsc_teacher_pool: 'latest' is not one of before_distill, after_distill"),
     ({"lr_scheduler": "cosine_typo"}, r"lr_scheduler: 'cosine_typo' is not one of constant, constant_with_warmup, "
                                       r"linear, cosine, cosine_with_restarts, polynomial"),
-    ({"report_to": "mlflow"}, r"report_to: 'mlflow' is not one of tensorboard, wandb, comet_ml, all; or leave it unset"),
+    ({"report_to": "neptune"}, r"report_to: 'neptune' is not one of tensorboard, wandb, comet_ml, all, aim, mlflow, "
+                               r"clearml, dvclive, swanlab, trackio; or leave it unset"),
     ({"dc_loss": "l3"}, r"dc_loss: 'l3' is not one of l2, l1, huber"),
     ({"resolution": 0}, r"resolution: must be an integer > 0 and a multiple of 8 .*got 0"),
     ({"resolution": 20}, r"resolution: must be an integer > 0 and a multiple of 8 .*got 20"),
