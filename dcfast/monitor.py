@@ -165,22 +165,23 @@ def save_grid(rows: List[torch.Tensor], path: Path) -> Path:
 
 
 def log_images(accelerator, rows: List[torch.Tensor], prompts: List[str], step: int) -> None:
-    """Each prompt's images to every tracker that takes images, under `validation/prompt_{j}` (TensorBoard:
-    an NHWC batch; wandb, aim, clearml, swanlab, custom trackers: a list of PIL images; comet_ml: one by one)."""
+    """Each prompt's images to every tracker that takes images, in one call per tracker, under
+    `validation/prompt_{j}` (TensorBoard: an NHWC batch per key; wandb, aim, clearml, swanlab, custom trackers:
+    a list of PIL images per key; comet_ml: image by image, named with the prompt)."""
     from PIL import Image
 
+    arrays = {f"validation/prompt_{j}": to_uint8(row) for j, row in enumerate(rows)}
     for tracker in accelerator.trackers:
-        for j, (prompt, row) in enumerate(zip(prompts, rows)):
-            key, arrays = f"validation/prompt_{j}", to_uint8(row)
-            if tracker.name == "tensorboard":
-                tracker.log_images({key: arrays}, step=step, dataformats="NHWC")
-            elif tracker.name == "comet_ml":
-                for k, array in enumerate(arrays):
+        if tracker.name == "tensorboard":
+            tracker.log_images(arrays, step=step, dataformats="NHWC")
+        elif tracker.name == "comet_ml":
+            for (key, batch), prompt in zip(arrays.items(), prompts):
+                for k, array in enumerate(batch):
                     tracker.tracker.log_image(Image.fromarray(array), name=f"{key}_{k}: {prompt}", step=step)
-            elif hasattr(tracker, "log_images"):
-                tracker.log_images({key: [Image.fromarray(a) for a in arrays]}, step=step)
-            else:
-                logger.debug(f"tracker {tracker.name} takes no images; validation images only in the PNG grid")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({key: [Image.fromarray(a) for a in batch] for key, batch in arrays.items()}, step=step)
+        else:
+            logger.debug(f"tracker {tracker.name} takes no images; validation images only in the PNG grid")
 
 
 def write_loss_curve(output_dir, num_tasks: int) -> Optional[Path]:

@@ -37,6 +37,8 @@ def test_resume_after_kill_equals_uninterrupted(make_config, tmp_path, method):
         a, b = load_tensors(task_dir(straight.output_dir, 2) / name), load_tensors(task_dir(killed.output_dir, 2) / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the per-step losses and their parts survive the kill (the checkpoint carries them)
+    assert read_json(task_dir(straight.output_dir, 2) / "losses.json") == read_json(task_dir(killed.output_dir, 2) / "losses.json")
     metrics = read_json(task_dir(straight.output_dir, 2) / "metrics.json")
     assert metrics["final_loss"] == result.metrics[1]["final_loss"]
     assert latest_checkpoint(killed.output_dir) is None  # checkpoints removed once the task is written
