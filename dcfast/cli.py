@@ -1,4 +1,4 @@
-"""The `dcfast` command line: `dcfast demo`, `dcfast train`, `dcfast eval`, `dcfast bench ...`."""
+"""The `dcfast` command line: `dcfast demo`, `dcfast train`, `dcfast eval`, `dcfast export`, `dcfast bench ...`."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from dcfast import cli_demo, cli_eval, cli_train
+from dcfast import cli_demo, cli_eval, cli_export, cli_train
 
 # target -> (module with run(quick=, device=, ...), the summary keys of its closing line)
 BENCHMARKS = {
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.add_parser(subparsers)
     cli_eval.add_parser(subparsers)
     cli_demo.add_parser(subparsers)
+    cli_export.add_parser(subparsers)
     return parser
 
 
