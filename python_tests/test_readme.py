@@ -23,3 +23,14 @@ def test_readme_example_runs(section, tmp_path, monkeypatch):
     else:
         assert set(namespace["acc"].fisher) and (tmp_path / "fisher.safetensors").is_file()
         assert namespace["penalty"].item() == 0.0  # theta equals its anchor
+
+
+def test_readme_export_loading_code_is_what_export_writes():
+    """The README's diffusers loading code for an export is the code `dcfast export` puts in its model card."""
+    from dcfast.export import loading_code
+
+    block = _python_block("Export for diffusers")
+    written = loading_code({"name_or_path": "path/to/base"}, "my-concepts", ["<v1>", "<v2>"])
+    readme_lines = [line.split("   #")[0].rstrip() for line in block.strip().splitlines()]
+    code_lines = [line.replace("'", '"') for line in written.strip().splitlines()]
+    assert readme_lines == code_lines
