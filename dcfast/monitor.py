@@ -222,7 +222,8 @@ def write_loss_curve(output_dir, num_tasks: int) -> Optional[Path]:
     ax.set_xlabel("step (whole run)")
     ax.set_ylabel("loss")
     ax.set_title(f"losses of {len(histories)} task(s); dashed: task boundaries")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no steps at all (max_train_steps: 0): an empty plot, no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(output_dir) / LOSS_CURVE_FILE
     write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
