@@ -197,7 +197,11 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
         if module is not None:
             module.to(device)
     if WEIGHT_DTYPES[config.mixed_precision] is not None:
-        cast_frozen_weights(components, WEIGHT_DTYPES[config.mixed_precision])
+        if accelerator.native_amp:
+            cast_frozen_weights(components, WEIGHT_DTYPES[config.mixed_precision])
+        else:  # accelerate runs fp16 on the CPU without autocast: fp16 weights would meet fp32 inputs
+            logger.warning(f"mixed_precision={config.mixed_precision}: accelerate turned autocast off on "
+                           f"{accelerator.device}, so the frozen weights stay fp32 (use bf16 on the CPU)")
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
     models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,

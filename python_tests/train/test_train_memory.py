@@ -150,3 +150,17 @@ def test_use_8bit_adam_uses_bitsandbytes_adamw8bit(make_config, monkeypatch):
     sizes, rates, kwargs = built[0]
     assert sizes[1] == 1 and sizes[0] > 1 and rates == [2e-3, 4e-3]
     assert kwargs["betas"] == (config.adam_beta1, config.adam_beta2) and kwargs["eps"] == config.adam_epsilon
+
+
+def test_fp16_without_autocast_keeps_weights_fp32(make_config, tmp_path):
+    """accelerate turns fp16 autocast off on the CPU: the run must not cast (fp16 weights would meet fp32 inputs).
+    The GPUs are hidden from the run, so that it is on the CPU on any machine."""
+    config = make_config("lora", words=("dog",), max_train_steps=1, mixed_precision="fp16")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    done = subprocess.run([sys.executable, "-c", DTYPE_PROBE, str(path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["1.1"]["unet_base"] == ["torch.float32"] and seen["vae"] == ["torch.float32"]
+    assert "the frozen weights stay fp32" in done.stderr
