@@ -51,7 +51,7 @@ def _flag_kwargs(name: str, hint, default) -> dict:
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(base) is list:
-        return {"nargs": "+", "metavar": "NAME"}
+        return {"nargs": "+", "metavar": "PROMPT" if name.endswith("prompts") else "NAME"}
     kwargs = {"type": base if base in (int, float, str) else str}
     if name in CHOICES:
         kwargs["choices"] = CHOICES[name]
