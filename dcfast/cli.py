@@ -13,7 +13,7 @@ BENCHMARKS = {
     "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
     "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
-    "methods": ("dcfast.bench.methods", ""),  # its closing lines are the table and where it was written
+    "methods": ("dcfast.bench.methods", ""),  # closes with `forgetting lora=<f> ewc=<f> ...` itself
     "world": ("dcfast.bench.world", "state1_fidelity final_fidelity lora_forgetting"),
 }
 # targets that repeat runs over seeds and write their runs under --output_dir
@@ -27,6 +27,8 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
     bench.add_argument("--seeds", type=int, default=3, help="methods and world: seeds per method (default: 3)")
+    bench.add_argument("--workers", type=int, default=1,
+                       help="methods: runs at once, each in its own process with one torch thread (default: 1)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
@@ -35,6 +37,8 @@ def _add_bench(subparsers) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
+    if args.target == "methods":
+        extra["workers"] = args.workers
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic

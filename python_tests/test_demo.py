@@ -186,8 +186,42 @@ def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path):
     assert [(r["method"], r["seed"]) for r in result["rows"]] == [("lora", 0), ("c-lora", 0), ("lora", 1), ("c-lora", 1)]
     for method in ("lora", "c-lora"):
         seeds = [r["summary"]["ammd"] for r in result["rows"] if r["method"] == method]
-        assert result["stats"][method]["ammd"]["mean"] == pytest.approx(np.mean(seeds))
-        assert result["stats"][method]["ammd"]["std"] == pytest.approx(np.std(seeds, ddof=1))
+        assert result["stats"]["same-class-test"][method]["ammd"]["mean"] == pytest.approx(np.mean(seeds))
+        assert result["stats"]["same-class-test"][method]["ammd"]["std"] == pytest.approx(np.std(seeds, ddof=1))
     assert "± " in Path(result["paths"]["table"]).read_text()
     with Image.open(result["paths"]["plot"]) as image:
         image.verify()
+    diffs = [c["summary"]["fidelity_forgetting"] - l["summary"]["fidelity_forgetting"]
+             for l, c in zip(result["rows"][0::2], result["rows"][1::2])]
+    assert result["paired"]["same-class-test"]["c-lora"]["fidelity_forgetting"]["diffs"] == pytest.approx(diffs)
+
+    # two worker processes (one thread each) give the runs one process gives (seed 0's)
+    parallel = methods.run(seeds=1, methods=["lora", "c-lora"], output_dir=str(tmp_path / "bench2"), config=config,
+                           workers=2)
+    assert len(parallel["rows"]) == 2
+    for serial_row, parallel_row in zip(result["rows"], parallel["rows"]):
+        assert (serial_row["method"], serial_row["seed"]) == (parallel_row["method"], parallel_row["seed"])
+        for key in ("ammd", "final_fidelity", "final_accuracy"):
+            assert parallel_row["summary"][key] == pytest.approx(serial_row["summary"][key], rel=1e-3, abs=1e-6)
+
+
+def _row(method, seed, forgetting, final):
+    return {"method": method, "seed": seed, "summary": {"fidelity_forgetting": forgetting, "final_fidelity": final}}
+
+
+def test_bench_methods_paired_verdicts_need_every_seed_and_the_spread():
+    from dcfast.bench.methods import paired
+
+    rows = [_row("lora", 0, 0.8, 0.2), _row("lora", 1, 0.6, 0.3), _row("lora", 2, 0.7, 0.1),
+            _row("a", 0, 0.3, 0.2), _row("a", 1, 0.2, 0.3), _row("a", 2, 0.4, 0.1),  # forgets 0.4 less every seed
+            _row("b", 0, 0.9, 0.5), _row("b", 1, 0.5, 0.1), _row("b", 2, 0.7, 0.1)]  # +0.1, -0.1, 0: mixed signs
+    result = paired(rows)
+    assert result["a"]["fidelity_forgetting"]["diffs"] == pytest.approx([-0.5, -0.4, -0.3])
+    assert result["a"]["fidelity_forgetting"]["verdict"] == "better"
+    assert result["a"]["final_fidelity"]["verdict"] == "no difference beyond the seed spread"  # all 0
+    assert result["b"]["fidelity_forgetting"]["verdict"] == "no difference beyond the seed spread"
+    assert result["b"]["final_fidelity"]["diffs"] == pytest.approx([0.3, -0.2, 0.0])
+    worse = paired([_row("lora", 0, 0.5, 0.5), _row("lora", 1, 0.5, 0.5), _row("c", 0, 0.7, 0.4), _row("c", 1, 0.8, 0.45)])
+    assert worse["c"]["fidelity_forgetting"]["verdict"] == "worse" and worse["c"]["final_fidelity"]["verdict"] == "worse"
+    one_seed = paired([_row("lora", 0, 0.5, 0.5), _row("c", 0, 0.1, 0.9)])
+    assert one_seed["c"]["fidelity_forgetting"]["verdict"] == "no difference beyond the seed spread"

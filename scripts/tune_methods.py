@@ -1,0 +1,119 @@
+"""Tune the continual-personalization methods on the world's *validation* sequences only:
+
+    python scripts/tune_methods.py --grid lambda [--sequence same-class-val] [--seeds 0] [--workers 2]
+
+Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
+lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
+test sequences once. Each grid is a list of (method, TrainConfig overrides) on top of the world regime
+(`dcfast.demo.WORLD_TRAIN`); each row is one full run (4 tasks, every state evaluated), judged by the
+oracle's fidelity matrix F (dcfast.oracle).
+
+The selection rule, fixed before any run: the highest **final fidelity** (mean over concepts of F[i, N],
+what the user has at the end), ties (within 1/32, one sample) broken by the lower fidelity forgetting.
+Forgetting alone would crown a method that learns nothing after task 1.
+
+Rows append to `<workdir>/rows.jsonl` as runs finish, so a killed sweep resumes where it stopped (rows
+already there are skipped); the markdown table of every row is rewritten at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from dcfast.atomic import write_atomic
+
+Variant = Tuple[str, Dict[str, object]]  # (method, TrainConfig overrides)
+
+GRIDS: Dict[str, List[Variant]] = {
+    # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher; C-LoRA's own lambda.
+    "lambda": [("lora", {})]
+    + [("ewc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
+    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
+    + [("c-lora", {"clora_lambda": v}) for v in (1e-4, 1e-2, 1.0)],
+}
+
+
+def variant_name(method: str, overrides: Dict[str, object]) -> str:
+    return method + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
+
+
+def run_variant(method: str, overrides: Dict[str, object], sequence: str, seed: int, workdir: str,
+                fidelity_images: int) -> Dict[str, object]:
+    """One full run (train every task, evaluate every state) on one thread; the fidelity row of it."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dcfast.demo import DemoConfig, run_method, write_concepts
+
+    name = variant_name(method, overrides)
+    folder = Path(workdir) / sequence / f"seed_{seed}" / name.replace(" ", "_").replace("=", "-")
+    started = time.time()
+    config = DemoConfig(methods=[method], sequence=sequence, seed=seed, progress=False, output_dir=str(folder),
+                        train_overrides=dict(overrides), fidelity_images=fidelity_images)
+    tasks = write_concepts(config)
+    result = run_method(config, method, tasks, str(folder / "run"), log=lambda line: None)
+    data = json.loads(Path(result["report"]["metrics"]).read_text())
+    matrix = data["fidelity"]["all"]
+    summary = data["summary"]
+    return {"variant": name, "method": method, "overrides": overrides, "sequence": sequence, "seed": seed,
+            "F11": matrix[0][0], "F1N": matrix[0][-1], "F_diag": [matrix[i][i] for i in range(len(matrix))],
+            "final_fidelity": summary["final_fidelity"], "fidelity_forgetting": summary["fidelity_forgetting"],
+            "bwt_fidelity": summary["bwt_fidelity"], "ammd": summary.get("ammd"),
+            "final_accuracy": summary.get("final_accuracy"), "train_seconds": result["summary"]["train_seconds"],
+            "seconds": time.time() - started, "run_dir": result["run_dir"]}
+
+
+def table(rows: List[Dict[str, object]]) -> str:
+    lines = ["| variant | sequence | seed | F[1,1] | F[1,N] | F[i,i] | final fidelity | fidelity forgetting | "
+             "train s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['sequence']} | {r['seed']} | {r['F11']:.3f} | {r['F1N']:.3f} | "
+              f"{' '.join(f'{v:.2f}' for v in r['F_diag'])} | {r['final_fidelity']:.3f} | "
+              f"{r['fidelity_forgetting']:.3f} | {r['train_seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", nargs="+", required=True, help=f"grids to run: {', '.join(GRIDS)}")
+    parser.add_argument("--sequence", nargs="+", default=["same-class-val"], help="validation sequences")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
+    parser.add_argument("--workdir", default="runs/tune", help="runs and rows.jsonl go here")
+    parser.add_argument("--output", default=None, help="markdown table of every row (default: <workdir>/tuning.md)")
+    args = parser.parse_args(argv)
+    unknown = [g for g in args.grid if g not in GRIDS]
+    if unknown:
+        raise SystemExit(f"--grid: unknown {unknown}; known: {', '.join(GRIDS)}")
+    not_val = [s for s in args.sequence if not s.endswith("-val")]
+    if not_val:
+        raise SystemExit(f"--sequence: {not_val} are not validation sequences; tune on *-val only")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = Path(args.workdir) / "rows.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["variant"], r["sequence"], r["seed"]) for r in rows}
+    jobs = [(m, o, s, seed) for g in args.grid for m, o in GRIDS[g] for s in args.sequence for seed in args.seeds
+            if (variant_name(m, o), s, seed) not in done]
+    print(f"{len(jobs)} runs to do ({len(done)} already in {log})", flush=True)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(run_variant, m, o, s, seed, args.workdir, args.fidelity_images) for m, o, s, seed in jobs]
+        for future in as_completed(futures):
+            row = future.result()
+            rows.append(row)
+            with open(log, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("variant", "sequence", "seed", "F11", "F1N", "final_fidelity",
+                                                  "fidelity_forgetting", "seconds")}), flush=True)
+    output = Path(args.output or Path(args.workdir) / "tuning.md")
+    write_atomic(output, lambda tmp: Path(tmp).write_text(table(rows) + "\n"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
