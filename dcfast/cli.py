@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -27,8 +28,9 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
     bench.add_argument("--seeds", type=int, default=3, help="methods and world: seeds per method (default: 3)")
-    bench.add_argument("--workers", type=int, default=1,
-                       help="methods: runs at once, each in its own process with one torch thread (default: 1)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="methods: runs at once, each in its own process with one torch thread "
+                            "(default: 2 on a machine with 2+ cores, else 1)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
@@ -38,7 +40,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
     if args.target == "methods":
-        extra["workers"] = args.workers
+        extra["workers"] = args.workers or min(2, os.cpu_count() or 1)
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic

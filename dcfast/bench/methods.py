@@ -20,7 +20,7 @@ single-threaded runs finish sooner than one two-threaded run after the other.
 from __future__ import annotations
 
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -117,14 +117,40 @@ def plot(results: Dict[str, Dict[str, Dict[str, Dict[str, float]]]], path: Path)
     return path
 
 
-def _run_one(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str, threads: Optional[int]):
-    """One (sequence, seed, method) run, in a worker process when `threads` is set."""
+def _run_one(job: tuple, threads: Optional[int]) -> Dict[str, object]:
+    """One (sequence, seed, method, config, tasks, run_dir) job's summary; `threads` set in a worker process."""
+    _, _, method, config, tasks, run_dir = job
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     result = run_method(config, method, tasks, run_dir, log=lambda line: None)
     return result["summary"]
+
+
+def _run_all(jobs: List[tuple], workers: int) -> List[Dict[str, object]]:
+    """The summaries of every job (in job order), `workers` at a time; one progress line per finished run."""
+    def done(count: int, job: tuple, summary: Dict[str, object]) -> None:
+        sequence, seed, method = job[:3]
+        scores = ", ".join(f"{label} {summary[key]:.3f}" for key, label in (("final_fidelity", "final fidelity"),
+                           ("fidelity_forgetting", "fidelity forgetting")) if summary.get(key) is not None)
+        print(f"[{count}/{len(jobs)}] {sequence} seed {seed} {method}: {scores} (train {summary['train_seconds']:.0f} s, "
+              f"eval {summary['eval_seconds']:.0f} s)", flush=True)
+
+    if workers == 1:
+        summaries = []
+        for job in jobs:
+            summaries.append(_run_one(job, None))
+            done(len(summaries), job, summaries[-1])
+        return summaries
+    summaries = [None] * len(jobs)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_run_one, job, 1): k for k, job in enumerate(jobs)}
+        for count, future in enumerate(as_completed(futures), 1):
+            k = futures[future]
+            summaries[k] = future.result()
+            done(count, jobs[k], summaries[k])
+    return summaries
 
 
 def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optional[Sequence[str]] = None,
@@ -160,11 +186,7 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
             tasks = write_concepts(seeded)  # once per (sequence, seed): every method sees the same renders
             jobs += [(sequence, seed, method, seeded, tasks, str(Path(seeded.output_dir) / method.replace("+", "_")))
                      for method in methods]
-    if workers == 1:
-        summaries = [_run_one(c, m, t, d, None) for _, _, m, c, t, d in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            summaries = list(pool.map(_run_one, *zip(*[(c, m, t, d, 1) for _, _, m, c, t, d in jobs])))
+    summaries = _run_all(jobs, workers)
     rows = [{"sequence": s, "method": m, "seed": seed, "run_dir": d, "summary": summary}
             for (s, seed, m, _, _, d), summary in zip(jobs, summaries)]
     stats = {s: aggregate([r for r in rows if r["sequence"] == s]) for s in sequences}
