@@ -31,6 +31,9 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--workers", type=int, default=None,
                        help="methods: runs at once, each in its own process with one torch thread "
                             "(default: 2 on a machine with 2+ cores, else 1)")
+    bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
+                       help="methods: a world test sequence to run, repeatable (default: same-class-test and "
+                            "distinct-class-test; --quick: same-class-test)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
@@ -40,7 +43,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
     if args.target == "methods":
-        extra["workers"] = args.workers or min(2, os.cpu_count() or 1)
+        extra.update(workers=args.workers or min(2, os.cpu_count() or 1), sequences=args.sequence)
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic

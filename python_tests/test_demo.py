@@ -225,3 +225,13 @@ def test_bench_methods_paired_verdicts_need_every_seed_and_the_spread():
     assert worse["c"]["fidelity_forgetting"]["verdict"] == "worse" and worse["c"]["final_fidelity"]["verdict"] == "worse"
     one_seed = paired([_row("lora", 0, 0.5, 0.5), _row("c", 0, 0.1, 0.9)])
     assert one_seed["c"]["fidelity_forgetting"]["verdict"] == "no difference beyond the seed spread"
+
+
+def test_bench_methods_refuses_bad_requests_before_any_run(tmp_path):
+    from dcfast.bench import methods
+
+    with pytest.raises(ValueError, match="unknown \\['four-cats'\\]; known: same-class-test"):
+        methods.run(seeds=1, sequences=["four-cats"], output_dir=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="workers: must be >= 1"):
+        methods.run(seeds=1, workers=0, output_dir=str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()

@@ -174,9 +174,14 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
         raise ValueError(f"workers: must be >= 1, got {workers}")
     base = replace(config or DemoConfig(), output_dir=output_dir, progress=False)
     if quick:
-        seeds, sequences = 1, [QUICK_SEQUENCE]
+        seeds, sequences = 1, sequences or [QUICK_SEQUENCE]
         base = replace(base, num_tasks=QUICK_TASKS)
     sequences = list(sequences or ([base.sequence] if config is not None else TEST_SEQUENCES))
+    from dcfast.world import SEQUENCES
+
+    unknown = [s for s in sequences if s not in SEQUENCES]
+    if unknown:
+        raise ValueError(f"sequence: unknown {unknown}; known: {', '.join(SEQUENCES)}")
     methods = list(methods or METHODS)
     jobs = []
     for sequence in sequences:
