@@ -30,11 +30,14 @@ from dcfast.atomic import write_atomic
 Variant = Tuple[str, Dict[str, object]]  # (method, TrainConfig overrides)
 
 GRIDS: Dict[str, List[Variant]] = {
-    # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher; C-LoRA's own lambda.
+    # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher; C-LoRA's own lambda, whose
+    # penalty sums products of two LoRA-sized weights (~1e-2 each here), so its useful range is far higher.
     "lambda": [("lora", {})]
     + [("ewc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
-    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
-    + [("c-lora", {"clora_lambda": v}) for v in (1e-4, 1e-2, 1.0)],
+    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0)]
+    + [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
+    # DSC and DSC+EWC-DC at their defaults (alpha = beta = 1, M = a third of the task's steps).
+    "dsc": [("dsc", {}), ("dsc+ewc-dc", {})],
 }
 
 
