@@ -30,14 +30,20 @@ from dcfast.atomic import write_atomic
 Variant = Tuple[str, Dict[str, object]]  # (method, TrainConfig overrides)
 
 GRIDS: Dict[str, List[Variant]] = {
-    # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher; C-LoRA's own lambda, whose
-    # penalty sums products of two LoRA-sized weights (~1e-2 each here), so its useful range is far higher.
+    # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher.
     "lambda": [("lora", {})]
     + [("ewc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
-    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0)]
-    + [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
+    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1)],
+    # EWC-DC's DC term at lambda = 1 (EWC's plateau): at the provisional defaults (delta 0.1, complement
+    # push, auto tau) with lambda 0.01 it learned no concept after the first (F[i, i] <= 0.03).
+    "dc-term": [("ewc-dc", {"ewc_lambda": 1.0, **change}) for change in (
+        {}, {"delta": 0.01}, {"dc_push": "none"}, {"auto_temperature_scale": 10.0},
+        {"delta": 0.01, "num_dc_concepts": 2, "num_dc_timesteps": 1})],
     # DSC and DSC+EWC-DC at their defaults (alpha = beta = 1, M = a third of the task's steps).
     "dsc": [("dsc", {}), ("dsc+ewc-dc", {})],
+    # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
+    # useful range is far above EWC's.
+    "c-lora": [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
 }
 
 
