@@ -34,13 +34,16 @@ GRIDS: Dict[str, List[Variant]] = {
     "lambda": [("lora", {})]
     + [("ewc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
     + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1)],
-    # EWC-DC's DC term at lambda = 1 (EWC's plateau): at the provisional defaults (delta 0.1, complement
-    # push, auto tau) with lambda 0.01 it learned no concept after the first (F[i, i] <= 0.03).
+    # EWC-DC's DC term at lambda = 1 (EWC's plateau). At the provisional defaults (delta 0.1, complement
+    # push, auto tau ~ 5e-4..1e-3) with lambda 0.01 or 0.1 it learned no concept after the first
+    # (F[i, i] <= 0.16): the term's gradient is ~delta / tau ~ 100-200x the denoising loss's, so it
+    # drowns the loss it should regularise. delta ~ tau puts the two on one scale.
     "dc-term": [("ewc-dc", {"ewc_lambda": 1.0, **change}) for change in (
-        {}, {"delta": 0.01}, {"dc_push": "none"}, {"auto_temperature_scale": 10.0},
-        {"delta": 0.01, "num_dc_concepts": 2, "num_dc_timesteps": 1})],
-    # DSC and DSC+EWC-DC at their defaults (alpha = beta = 1, M = a third of the task's steps).
-    "dsc": [("dsc", {}), ("dsc+ewc-dc", {})],
+        {"delta": 1e-3}, {"delta": 1e-4}, {"delta": 1e-3, "dc_push": "none"}, {"delta": 1e-3, "dc_push": "spec"},
+        {"delta": 1e-3, "num_dc_concepts": 2, "num_dc_timesteps": 1})],
+    # DSC at its defaults (alpha = beta = 1, M = a third of the task's steps) and with the DC-score KL
+    # (also divided by tau) weighted down; DSC+EWC-DC with EWC-DC's delta on the tau scale.
+    "dsc": [("dsc", {}), ("dsc", {"dsc_alpha": 0.01}), ("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3})],
     # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
     # useful range is far above EWC's.
     "c-lora": [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
