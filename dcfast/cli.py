@@ -11,7 +11,7 @@ from dcfast import cli_demo, cli_eval, cli_export, cli_train
 
 # target -> (module with run(quick=, device=, ...), the summary keys of its closing line)
 BENCHMARKS = {
-    "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive max_abs_err"),
+    "dc-scores": ("dcfast.bench.dc_scores", "speedup_vs_naive speedup_vs_peer max_abs_err"),
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
     "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
     "methods": ("dcfast.bench.methods", ""),  # closes with `forgetting lora=<f> ewc=<f> ...` itself
@@ -31,6 +31,8 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--workers", type=int, default=None,
                        help="methods: runs at once, each in its own process with one torch thread "
                             "(default: 2 on a machine with 2+ cores, else 1)")
+    bench.add_argument("--method", action="append", default=None, metavar="NAME",
+                       help="methods: a method to run, repeatable (default: all six)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods: a world test sequence to run, repeatable (default: same-class-test and "
                             "distinct-class-test; --quick: same-class-test)")
@@ -43,7 +45,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
     if args.target == "methods":
-        extra.update(workers=args.workers or min(2, os.cpu_count() or 1), sequences=args.sequence)
+        extra.update(workers=args.workers or min(2, os.cpu_count() or 1), sequences=args.sequence, methods=args.method)
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.atomic import write_json_atomic

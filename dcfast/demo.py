@@ -14,6 +14,7 @@ defaults that are sized for real models; each carries its reason. Everything els
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -108,10 +109,32 @@ def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], r
     return TrainConfig.from_dict(values)
 
 
+def _as_json(value: object) -> object:
+    return json.loads(json.dumps(value))
+
+
+def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
+    """The stored summary of a run in `run_dir` that was trained with exactly `train_settings` and
+    evaluated with `eval_config` (progress display aside), or None (absent, unfinished or different)."""
+    try:
+        trained = json.loads((Path(run_dir) / "run.json").read_text())["config"]
+        metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    wanted = {k: v for k, v in _as_json(dataclasses.asdict(eval_config)).items() if k != "progress"}
+    if trained != _as_json(train_settings.to_dict()) or not all(metrics.get("config", {}).get(k) == v
+                                                                 for k, v in wanted.items()):
+        return None
+    summary = metrics.get("summary", {})
+    return summary if "train_seconds" in summary else None
+
+
 def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str,
-               log: Callable[[str], None] = print) -> Dict[str, object]:
+               log: Callable[[str], None] = print, reuse: bool = False) -> Dict[str, object]:
     """Train one method on the tasks, evaluate every task state, write its report.
 
+    `reuse`: a finished run already in `run_dir` with the same training and evaluation settings is
+    returned as it is (a killed benchmark resumes without redoing its finished runs).
     Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
     """
     from dcfast.evaluation import EvalConfig, evaluate
@@ -119,14 +142,21 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     from dcfast.trainer import train
 
     train_settings = train_config(config, method, tasks, run_dir)
+    eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
+                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
+                             fidelity_images=config.fidelity_images)
+    stored = finished_summary(run_dir, train_settings, eval_config) if reuse else None
+    if stored is not None:
+        log(f"[{method}] reusing the finished run in {run_dir}")
+        eval_dir = Path(run_dir) / "eval"
+        return {"method": method, "run_dir": run_dir, "summary": stored,
+                "report": {"report": str(eval_dir / "report.md"), "metrics": str(eval_dir / "metrics.json")}}
+    (Path(run_dir) / "eval" / "metrics.json").unlink(missing_ok=True)  # an older run's: never reused after this
     log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
     started = time.perf_counter()
     train(train_settings)
     train_seconds = time.perf_counter() - started
     log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
-    eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
-                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
-                             fidelity_images=config.fidelity_images)
     result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
     result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
     paths = write_report(result)

@@ -232,6 +232,33 @@ def test_bench_methods_refuses_bad_requests_before_any_run(tmp_path):
 
     with pytest.raises(ValueError, match="unknown \\['four-cats'\\]; known: same-class-test"):
         methods.run(seeds=1, sequences=["four-cats"], output_dir=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="unknown \\['sgd'\\]; known: lora"):
+        methods.run(seeds=1, methods=["sgd"], output_dir=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="workers: must be >= 1"):
         methods.run(seeds=1, workers=0, output_dir=str(tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model_dir, tmp_path, monkeypatch):
+    from dcfast import demo, trainer
+
+    config = DemoConfig(output_dir=str(tmp_path / "d"), num_tasks=2, max_train_steps=1, num_train_images=2,
+                        num_eval_images=2, num_images=2, num_inference_steps=2, fidelity_images=2,
+                        base_model=str(tiny_model_dir), progress=False)
+    tasks = demo.write_concepts(config)
+    run_dir = str(tmp_path / "d" / "lora")
+    first = demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+
+    def no_training(settings):
+        raise AssertionError("a finished run with the same settings was trained again")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    again = demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    assert again["summary"] == json.loads(Path(first["report"]["metrics"]).read_text())["summary"]
+    for changed in (demo.replace(config, max_train_steps=2), demo.replace(config, fidelity_images=3)):
+        with pytest.raises(AssertionError, match="trained again"):
+            demo.run_method(changed, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    # the refused retraining removed the old metrics first: a killed new run is never taken for finished
+    assert not (Path(run_dir) / "eval" / "metrics.json").exists()
+    with pytest.raises(AssertionError, match="trained again"):
+        demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)

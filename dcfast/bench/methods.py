@@ -15,7 +15,8 @@ worse only when every seed agrees on the sign and the mean difference exceeds th
 `--quick`: one seed of every method on the same-class test sequence's first two concepts (the rest of
 the world regime unchanged); its last line is `forgetting lora=<f> ewc=<f> ...` (fidelity forgetting).
 Runs go to separate processes (`workers`, one torch thread each): on a small CPU model two
-single-threaded runs finish sooner than one two-threaded run after the other.
+single-threaded runs finish sooner than one two-threaded run after the other. A run already finished
+in the output folder with the same settings is reused, so a killed benchmark resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def _run_one(job: tuple, threads: Optional[int]) -> Dict[str, object]:
         import torch
 
         torch.set_num_threads(threads)
-    result = run_method(config, method, tasks, run_dir, log=lambda line: None)
+    result = run_method(config, method, tasks, run_dir, log=lambda line: None, reuse=True)
     return result["summary"]
 
 
@@ -183,6 +184,9 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
     if unknown:
         raise ValueError(f"sequence: unknown {unknown}; known: {', '.join(SEQUENCES)}")
     methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"method: unknown {unknown}; known: {', '.join(METHODS)}")
     jobs = []
     for sequence in sequences:
         for seed in range(seeds):
