@@ -116,26 +116,30 @@ class TrainConfig:
     # tau: a number, or "auto": at each task's start, tau = auto_temperature_scale x the RMS over images, concepts
     # k != n and (t, eps) pairs of err_k - err_n, measured once (no grad) with the model as the task finds it,
     # on every image of the task, S as EWC-DC's Fisher uses it, num_dc_timesteps evenly strided pairs. The task's
-    # loss, Fisher and DSC distillation all use that tau; metrics.json records it. Provisional default "auto":
-    # tau = 1 gave near-uniform softmaxes on the first demo (p(c_n) ~ 1/K); to be confirmed on validation sequences.
+    # loss, Fisher and DSC distillation all use that tau; metrics.json records it. Default "auto": tau = 1 gave
+    # near-uniform softmaxes on the first demo (p(c_n) ~ 1/K); auto gives ~5e-4..1e-3 on the world, and delta and
+    # dsc_alpha are set on that scale (benchmarks/methods_tuning.md).
     temperature: Union[float, str] = "auto"
     auto_temperature_scale: float = 1.0  # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1
     dc_loss: str = "l2"  # the DC error's per-pixel loss, as the denoising loss
     dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: engine default)
 
     # EWC / EWC-DC. The Fisher is a sum over the task's images of per-sample squared gradients.
-    # lambda: penalty weight, on the mean-normalised Fisher (fisher_normalize). Provisional 1, to be tuned on
-    # validation sequences: on the tiny test model (2 tasks x 30 steps, lr 1e-3) lambda = 1 raised task 2's mean
-    # loss by 1% over sequential LoRA, lambda = 1e3 by 78% (the penalty dominated). The old 1e3 on the raw
-    # Fisher (mean ~3e-7 there) was ~3e-4 in these units: next to no penalty.
+    # lambda: penalty weight, on the mean-normalised Fisher (fisher_normalize), one value for EWC and EWC-DC.
+    # Chosen on same-class-val (benchmarks/methods_tuning.md): EWC's final fidelity 0.58 / 0.50 / 0.59 / 0.59 at
+    # lambda 0.01 / 0.1 / 1 / 10, forgetting 0.06 / 0.01 / 0 / 0: 1 and 10 tie (within one sample of 32), the
+    # milder 1 is kept, and EWC-DC's DC term was tuned at 1.
     ewc_lambda: float = 1.0
     gamma: float = 0.9  # online Fisher decay F <- gamma F + F_n (Schwarz et al.'s online EWC)
-    delta: float = 0.1  # EWC-DC's DC-term weight: a tenth of the denoising loss keeps it a regulariser
+    # delta: EWC-DC's DC-term weight. The term's gradient is ~ delta / tau times the denoising loss's, and auto tau
+    # is ~5e-4..1e-3 on the world, so delta ~ tau puts the two on one scale. Chosen on same-class-val
+    # (scripts/tune_methods.py, benchmarks/methods_tuning.md; lambda 1): final fidelity 0.73 at 1e-3, 0.63 at 1e-4;
+    # at the old 0.1 no concept after the first was learned (0.00-0.02).
+    delta: float = 1e-3
     # EWC-DC's term for the earlier concepts and c_0 (i != n): "spec" = the paper's -H(p, c_i), unbounded below
     # (the loss falls as the U-Net predicts worse under c_i); "complement" = -log(1 - p(c_i)) (unlikelihood),
-    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Provisional default
-    # "complement" (bounded; "spec" drove the first demo's loss to -0.25 and its AMMD to 2x the others');
-    # to be confirmed on validation sequences.
+    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Chosen on same-class-val (delta
+    # 1e-3, lambda 1): final fidelity complement 0.73, none 0.71, spec 0.00 (it erased every concept, the first too).
     dc_push: str = "complement"
     dc_label_smoothing: float = 0.0  # eps: the pull is the cross-entropy against q_n = 1 - eps, q_i = eps/(|S|-1); 0 = spec
     dc_c0_weight: float = 1.0  # weight of c_0's push term (earlier concepts' terms weigh 1); 1 = the spec's equal weights

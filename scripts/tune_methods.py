@@ -42,8 +42,9 @@ GRIDS: Dict[str, List[Variant]] = {
         {"delta": 1e-3}, {"delta": 1e-4}, {"delta": 1e-3, "dc_push": "none"}, {"delta": 1e-3, "dc_push": "spec"},
         {"delta": 1e-3, "num_dc_concepts": 2, "num_dc_timesteps": 1})],
     # DSC at its defaults (alpha = beta = 1, M = a third of the task's steps) and with the DC-score KL
-    # (also divided by tau) weighted down; DSC+EWC-DC with EWC-DC's delta on the tau scale.
-    "dsc": [("dsc", {}), ("dsc", {"dsc_alpha": 0.01}), ("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3})],
+    # (its logits are also errors / tau) on the tau scale like EWC-DC's delta; DSC+EWC-DC with both there.
+    "dsc": [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3}), ("dsc", {}),
+            ("dsc", {"dsc_alpha": 1e-3})],
     # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
     # useful range is far above EWC's.
     "c-lora": [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
