@@ -16,18 +16,19 @@ together (what dcfast.FisherAccumulator relies on). The target is never repeated
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 
 from dcfast.ops.dc_error import LOSSES, dc_error
+from dcfast.unet_pass import SHARES, Layout, forward_rows, usable_shares
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# On the 2-core CPU, chunks of 64 U-Net rows ran fastest for the tiny model (larger chunks spill
-# caches; smaller ones pay per-call overhead). CUDA starts from the whole pass and halves on OOM.
-CPU_DEFAULT_MAX_BATCH = 64
+# The exact work shared across concepts by default (dcfast.unet_pass; each measured in benchmarks/RESULTS.md).
+DEFAULT_SHARES = frozenset(SHARES)
 
 
 @dataclass
@@ -44,20 +45,6 @@ class DCInputs:
         """Noised inputs of rows (b, j): sqrt(abar) x0[b] + sqrt(1 - abar) eps[b, j]."""
         abar = self.abar[b, j].view(-1, 1, 1, 1)
         return abar.sqrt() * self.x0[b] + (1 - abar).sqrt() * self.noise[b, j]
-
-    def target(self) -> torch.Tensor:
-        """(B, T, C, H, W) what the model predicts: the noise itself (in place) or the velocity, once."""
-        if self.prediction == "epsilon":
-            return self.noise
-        abar = self.abar.view(*self.abar.shape, 1, 1, 1)
-        return abar.sqrt() * self.noise - (1 - abar).sqrt() * self.x0.unsqueeze(1)
-
-    def target_rows(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """(rows, C, H, W) the target of rows (b, j) only (a chunk's share, with its own autograd graph)."""
-        if self.prediction == "epsilon":
-            return self.noise[b, j]
-        abar = self.abar[b, j].view(-1, 1, 1, 1)
-        return abar.sqrt() * self.noise[b, j] - (1 - abar).sqrt() * self.x0[b]
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -152,27 +139,236 @@ def _check_loss(loss: str) -> None:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def _row_batches(B: int, K: int, T: int, max_batch: int, device: torch.device):
-    """Yield (b, k, j) index tensors for consecutive chunks of the image-major row order."""
-    rows = torch.arange(B * K * T, device=device)
-    for start in range(0, B * K * T, max_batch):
-        r = rows[start:start + max_batch]
-        yield r // (K * T), (r // T) % K, r % T
+# ------------------------------------------------------------------------------------------------------
+# Chunks: rectangles of images x concepts x pairs, rows (b, k, j) image-major.
+# ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows b in [b0, b1), k in [k0, k1), j in [j0, j1), ordered (b, k, j)."""
+
+    b0: int
+    b1: int
+    k0: int
+    k1: int
+    j0: int
+    j1: int
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.b1 - self.b0, self.k1 - self.k0, self.j1 - self.j0)
+
+    @property
+    def rows(self) -> int:
+        return self.layout.rows
+
+    @property
+    def index(self):
+        return slice(self.b0, self.b1), slice(self.k0, self.k1), slice(self.j0, self.j1)
 
 
-def _unet_rows(unet, inputs: DCInputs, cond: torch.Tensor, b, k, j) -> torch.Tensor:
-    """U-Net noise predictions (rows, C, H, W) for the given rows, in the U-Net's dtype and memory format."""
-    return unet(inputs.x_t(b, j), inputs.timesteps[b, j], encoder_hidden_states=cond.index_select(0, k),
-                return_dict=False)[0]
+def full_rows(budget: int, K: int, T: int) -> int:
+    """Rows of a chunk the planner cuts for `budget` where nothing truncates it (end of an image or the pass)."""
+    if budget >= K * T:
+        return budget // (K * T) * K * T
+    if budget >= K:
+        return min(budget // K, T) * K
+    return budget
+
+
+def plan_chunks(B: int, K: int, T: int, budget: Callable[[], int]) -> Iterator[Chunk]:
+    """Cut the B*K*T rows into chunks of at most budget() rows each (asked before every chunk).
+
+    Whole images when the budget holds K*T rows or more, else a run of pairs j of one image with all K
+    concepts, else some concepts of one pair. Every image's rows come before the next image's (what a
+    Fisher hook needs), and each chunk shares its pairs' prefix over its concepts.
+    """
+    b = 0
+    while b < B:
+        rows = budget()
+        if rows >= K * T:
+            nb = min(rows // (K * T), B - b)
+            yield Chunk(b, b + nb, 0, K, 0, T)
+            b += nb
+            continue
+        j = 0
+        while j < T:
+            if rows >= K:
+                nt = min(rows // K, T - j)
+                yield Chunk(b, b + 1, 0, K, j, j + nt)
+                j += nt
+            else:
+                k = 0
+                while k < K:
+                    nk = min(rows, K - k)
+                    yield Chunk(b, b + 1, k, k + nk, j, j + 1)
+                    k += nk
+                    if k < K:
+                        rows = budget()
+                j += 1
+            if j < T:
+                rows = budget()  # mid-image: a run of pairs (or concepts) of this image whatever the budget
+        b += 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Chunk size: autotuned once per (U-Net config, row shape, device, dtype, threads), cached in memory.
+# ------------------------------------------------------------------------------------------------------
+
+# Candidate row budgets on CPU. Below 16 rows per call the tiny U-Net pays per-call overhead; above 128 its
+# activations spill the caches (benchmarks/RESULTS.md). Each is timed TUNE_ROUNDS times on one chunk of the
+# first call's own inputs, before its real work (the first run of a new shape includes oneDNN's primitive
+# set-up: the min discards it). Tuning before, not during, the real work keeps every call of a process on
+# one chunk size: results that are bitwise reproducible within the process (a chunk size changes the last
+# bit of some errors; pin `max_batch` / `dc_max_batch` for bitwise equality across processes).
+CPU_CANDIDATES = (16, 32, 64, 128)
+TUNE_ROUNDS = 2
+CPU_FALLBACK = 32  # where tuning is not possible (module hooks would see the timing runs): the peer's batch
+
+
+@dataclass
+class _Tuning:
+    candidates: Tuple[int, ...]  # row budgets, distinct in their full chunk size
+    full: Dict[int, int]  # budget -> rows of its full chunk
+    seconds: Dict[int, List[float]]  # budget -> seconds per row of its timing runs
+    best: Optional[int] = None
+
+    def next_budget(self) -> int:
+        """The budget to time next (round robin, TUNE_ROUNDS each), then the fastest for good."""
+        if self.best is None:
+            pending = [c for c in self.candidates if len(self.seconds[c]) < TUNE_ROUNDS]
+            if pending:
+                return min(pending, key=lambda c: len(self.seconds[c]))
+            self.best = min(self.candidates, key=lambda c: min(self.seconds[c]))
+        return self.best
+
+    def record(self, budget: int, rows: int, seconds: float) -> None:
+        if self.best is None and budget in self.seconds:
+            self.seconds[budget].append(seconds / rows)
+
+
+class ChunkTuner:
+    """The engine's chunk sizes by key; `dcfast.scores.chunk_tuner`. `clear()` forgets them (re-tune)."""
+
+    def __init__(self):
+        self._states: Dict[tuple, _Tuning] = {}
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def choices(self) -> Dict[tuple, Optional[int]]:
+        """key -> chosen row budget (None while still measuring)."""
+        return {key: state.best for key, state in self._states.items()}
+
+    def state(self, key: tuple, K: int, T: int, total: int) -> Optional[_Tuning]:
+        """The tuning of `key`, made on first use; None when there is nothing to choose (one chunk holds all)."""
+        if key not in self._states:
+            budgets: Dict[int, int] = {}
+            for c in CPU_CANDIDATES:
+                full = full_rows(min(c, total), K, T)
+                if full not in budgets.values():
+                    budgets[min(c, total)] = full
+            if len(budgets) < 2:
+                return None
+            self._states[key] = _Tuning(tuple(budgets), budgets, {c: [] for c in budgets})
+        return self._states[key]
+
+
+chunk_tuner = ChunkTuner()
+
+
+def _unet_fingerprint(unet) -> tuple:
+    config = getattr(unet, "config", None)
+    items = repr(sorted(dict(config).items())) if config is not None else ""
+    return type(unet).__name__, items, sum(p.numel() for p in unet.parameters())
+
+
+def _tune(unet, inputs: DCInputs, cond: torch.Tensor, shares: FrozenSet[str], tuning: _Tuning) -> int:
+    """Time every candidate on the first chunk it cuts from these inputs (results discarded); the fastest."""
+    B, T = inputs.shape
+    K = cond.shape[0]
+    while tuning.best is None:
+        budget = tuning.next_budget()
+        if tuning.best is not None:
+            break
+        chunk = next(plan_chunks(B, K, T, lambda: budget))
+        start = time.perf_counter()
+        _chunk_predictions(unet, inputs, cond, chunk, shares)
+        tuning.record(budget, chunk.rows, time.perf_counter() - start)
+    return tuning.best
+
+
+def _chunk_rows(unet, inputs: DCInputs, cond: torch.Tensor, max_batch: Optional[int], shares: FrozenSet[str]) -> int:
+    """Row budget of this pass: max_batch when given; on CUDA the whole pass; on CPU the tuned size for this
+    (U-Net config, row shape, device, dtype, threads, grad, autocast, shares), tuned on first use."""
+    B, T = inputs.shape
+    K = cond.shape[0]
+    total = B * K * T
+    if max_batch is not None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        return max_batch
+    device = inputs.x0.device
+    if device.type != "cpu":
+        return total  # CUDA: the whole pass, halved on out-of-memory
+    key = (_unet_fingerprint(unet), tuple(inputs.x0.shape[1:]), tuple(cond.shape[1:]), K, T,
+           min(total, max(CPU_CANDIDATES)), tuple(sorted(shares)), str(device), inputs.x0.dtype,
+           torch.get_num_threads(), torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+    tuning = chunk_tuner.state(key, K, T, total)
+    if tuning is None:
+        return total
+    if tuning.best is None:
+        if _hooked(unet):  # a hook would see the timing runs (a Fisher track would count them)
+            return min(CPU_FALLBACK, total)
+        _tune(unet, inputs, cond, shares, tuning)
+    return tuning.best
+
+
+def _hooked(unet) -> bool:
+    from dcfast.unet_pass import _global_hooks, _has_hooks
+
+    return _global_hooks() or _has_hooks(unet)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One chunk.
+# ------------------------------------------------------------------------------------------------------
+
+def _pair_inputs(inputs: DCInputs, chunk: Chunk) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x_t (pairs, C, H, W) and t (pairs,) of the chunk's pairs (b, j), b-major."""
+    bs, _, js = chunk.index
+    abar = inputs.abar[bs, js]
+    scale = abar.view(*abar.shape, 1, 1, 1)
+    x_t = scale.sqrt() * inputs.x0[bs].unsqueeze(1) + (1 - scale).sqrt() * inputs.noise[bs, js]
+    return x_t.reshape(-1, *inputs.x0.shape[1:]), inputs.timesteps[bs, js].reshape(-1)
+
+
+def _pair_target(inputs: DCInputs, chunk: Chunk) -> torch.Tensor:
+    """(nb, nt, C*H*W) what the model predicts at the chunk's pairs: the noise, or the velocity."""
+    bs, _, js = chunk.index
+    noise = inputs.noise[bs, js]
+    if inputs.prediction == "epsilon":
+        return noise.reshape(noise.shape[0], noise.shape[1], -1)
+    abar = inputs.abar[bs, js]
+    scale = abar.view(*abar.shape, 1, 1, 1)
+    target = scale.sqrt() * noise - (1 - scale).sqrt() * inputs.x0[bs].unsqueeze(1)
+    return target.reshape(target.shape[0], target.shape[1], -1)
+
+
+def _chunk_predictions(unet, inputs: DCInputs, cond: torch.Tensor, chunk: Chunk, shares: FrozenSet[str]) -> torch.Tensor:
+    """The chunk's U-Net outputs as (nb, nk, nt, C*H*W) in the noise's dtype."""
+    x_pairs, t_pairs = _pair_inputs(inputs, chunk)
+    layout = chunk.layout
+    out = forward_rows(unet, x_pairs, t_pairs, cond[chunk.k0:chunk.k1], layout, shares)
+    return _as_rows(out, inputs.noise.dtype).view(layout.nb, layout.nk, layout.nt, -1)
 
 
 def _as_rows(out: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """U-Net output (rows, C, H, W) as contiguous (rows, C*H*W) rows in `dtype`, with at most one copy.
 
     Under autocast the U-Net returns bf16/fp16 while the noise is fp32, and a channels_last U-Net returns
-    channels_last tensors (no `.view` of those): one `copy_` converts dtype and layout together, into
-    `into` when given (a slice of the engine's preallocated buffer). No copy at all when the output is
-    already contiguous in `dtype` and no buffer is given. Differentiable (copy_ records the graph).
+    channels_last tensors (no `.view` of those): one `copy_` converts dtype and layout together. No copy
+    at all when the output is already contiguous in `dtype`. Differentiable (copy_ records the graph).
     """
     rows = out.shape[0]
     if into is None:
@@ -181,14 +377,6 @@ def _as_rows(out: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor]
         into = torch.empty((rows, out[0].numel()), device=out.device, dtype=dtype)
     into.view(out.shape).copy_(out)
     return into
-
-
-def _resolve_max_batch(max_batch: Optional[int], total: int, device: torch.device) -> int:
-    if max_batch is not None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        return max_batch
-    return min(total, CPU_DEFAULT_MAX_BATCH) if device.type == "cpu" else total
 
 
 def _with_oom_retry(run: Callable[[int], torch.Tensor], max_batch: int, explicit: bool) -> torch.Tensor:
@@ -203,9 +391,17 @@ def _with_oom_retry(run: Callable[[int], torch.Tensor], max_batch: int, explicit
             torch.cuda.empty_cache()
 
 
+def _requested(share) -> FrozenSet[str]:
+    if share is None:
+        return DEFAULT_SHARES
+    if isinstance(share, str):
+        share = (share,)
+    return frozenset(share)
+
+
 def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
               num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
-              max_batch: Optional[int] = None, huber_delta: float = 1.0) -> torch.Tensor:
+              max_batch: Optional[int] = None, huber_delta: float = 1.0, share=None) -> torch.Tensor:
     """DC errors err (B, K, T) of every image under every concept, in one chunked batched U-Net pass.
 
     Args:
@@ -216,7 +412,10 @@ def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timestep
         timesteps: (T,) shared by all images or (B, T); default: T=num_timesteps evenly strided.
         noise: (B, T, C, H, W) or (T, C, H, W) shared by all images; default: drawn from `generator`.
         loss: 'l2' (default), 'l1' or 'huber' (with `huber_delta`).
-        max_batch: U-Net rows per call; default 64 on CPU, the whole pass on CUDA (halved on OOM).
+        max_batch: U-Net rows per call (the override); default on CPU: autotuned once per U-Net config,
+            row shape, device, dtype and thread count (`chunk_tuner`); on CUDA the whole pass (halved on OOM).
+        share: exact work done once instead of once per concept, a subset of ("prefix", "kv", "temb")
+            (`dcfast.unet_pass`); None: DEFAULT_SHARES; (): the plain U-Net call on every row.
 
     Differentiable when grad is enabled (the graph spans all chunks; see `dc_loss_backward` for the
     memory-bounded gradient).
@@ -224,34 +423,30 @@ def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timestep
     _check_loss(loss)
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
                             num_timesteps=num_timesteps, generator=generator)
-    return _errors(unet, inputs, cond, loss, max_batch, huber_delta)
+    return _errors(unet, inputs, cond, loss, max_batch, huber_delta, share)
 
 
 def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Optional[int],
-            huber_delta: float) -> torch.Tensor:
+            huber_delta: float, share=None) -> torch.Tensor:
     B, T = inputs.shape
     K = cond.shape[0]
-    device = inputs.x0.device
-    target = inputs.target().reshape(B, T, -1)  # (B, T, D), shared by the K concepts: no K-fold copy
+    shares = usable_shares(unet, _requested(share))
 
-    def run(chunk: int) -> torch.Tensor:
-        # Compare in the noise's dtype. Each chunk's output is written once into one preallocated buffer
-        # (dtype and layout converted in that copy) that the fused kernel then reads once: no torch.cat
-        # followed by a second full copy for the cast.
-        dtype, total = inputs.noise.dtype, B * K * T
-        if chunk >= total:
-            b, k, j = next(_row_batches(B, K, T, total, device))
-            pred = _as_rows(_unet_rows(unet, inputs, cond, b, k, j), dtype)
-        else:
-            pred = None
-            for start, (b, k, j) in zip(range(0, total, chunk), _row_batches(B, K, T, chunk, device)):
-                out = _unet_rows(unet, inputs, cond, b, k, j)
-                if pred is None:
-                    pred = torch.empty((total, out[0].numel()), device=device, dtype=dtype)
-                _as_rows(out, dtype, pred[start:start + out.shape[0]])
-        return dc_error(pred.view(B, K, T, -1), target, loss, huber_delta)
+    def run(rows: int) -> torch.Tensor:
+        # Each chunk's errors go straight from its predictions (read once by the fused kernel, the target
+        # read in place for all concepts) into err: no buffer of all predictions, no torch.cat.
+        err = torch.empty((B, K, T), device=inputs.x0.device, dtype=torch.float32)
+        for chunk in plan_chunks(B, K, T, lambda: rows):
+            pred = _chunk_predictions(unet, inputs, cond, chunk, shares)
+            err[chunk.index] = dc_error(pred, _pair_target(inputs, chunk), loss, huber_delta)
+        return err
 
-    return _with_oom_retry(run, _resolve_max_batch(max_batch, B * K * T, device), max_batch is not None)
+    explicit = max_batch is not None or inputs.x0.device.type == "cpu"  # OOM halving: CUDA's default only
+    if torch.is_grad_enabled():
+        return _with_oom_retry(run, _chunk_rows(unet, inputs, cond, max_batch, shares), explicit)
+    with torch.inference_mode():  # as fast as no_grad gets; err is cloned out of inference mode below
+        err = _with_oom_retry(run, _chunk_rows(unet, inputs, cond, max_batch, shares), explicit)
+    return err.clone()
 
 
 def dc_logits(err: torch.Tensor, temperature: float = 1.0, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -273,7 +468,8 @@ def dc_logits(err: torch.Tensor, temperature: float = 1.0, weights: Optional[tor
 def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor], torch.Tensor], *, timesteps=None, noise=None,
                      num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
-                     max_batch: Optional[int] = None, huber_delta: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                     max_batch: Optional[int] = None, huber_delta: float = 1.0,
+                     share=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate `loss_fn(err)` at the memory of one chunk, with the unchunked pass's gradients.
 
     The softmax over concepts couples all K*T errors of an image, so chunks cannot be backpropagated
@@ -281,7 +477,8 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
       (a) every chunk's errors without grad -> err; loss_fn(err).backward() gives dL/d err;
       (b) per chunk, recompute the U-Net rows with grad and backpropagate dL/d err of those rows.
     Gradients accumulate into `.grad` of the U-Net's parameters (and of x0/cond when they require
-    grad; their upstream graphs are traversed once, after the last chunk).
+    grad; their upstream graphs are traversed once, after the last chunk). `max_batch` and `share` as in
+    `dc_scores` (every share recomputes per chunk, so each chunk's graph is its own).
     Returns (loss, err), both detached.
     """
     _check_loss(loss)
@@ -290,7 +487,7 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
     inputs = prepare_inputs(unet, scheduler, x0_leaf, cond_leaf, timesteps=timesteps, noise=noise,
                             num_timesteps=num_timesteps, generator=generator)
     with torch.no_grad():
-        err = _errors(unet, inputs, cond_leaf, loss, max_batch, huber_delta)
+        err = _errors(unet, inputs, cond_leaf, loss, max_batch, huber_delta, share)
     err = err.requires_grad_(True)
     with torch.enable_grad():
         value = loss_fn(err)
@@ -300,14 +497,13 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
 
     B, T = inputs.shape
     K = cond.shape[0]
-    chunk = _resolve_max_batch(max_batch, B * K * T, x0.device)
     with torch.enable_grad():
-        for b, k, j in _row_batches(B, K, T, chunk, x0.device):
-            pred = _as_rows(_unet_rows(unet, inputs, cond_leaf, b, k, j), inputs.noise.dtype)
-            rows = pred.shape[0]
-            target = inputs.target_rows(b, j).reshape(1, rows, -1)  # per chunk: its graph to x0 is the chunk's own
-            chunk_err = dc_error(pred.view(1, 1, rows, -1), target, loss, huber_delta)
-            chunk_err.backward(grad_err[b, k, j].view(1, 1, rows))
+        shares = usable_shares(unet, _requested(share))
+        rows = _chunk_rows(unet, inputs, cond_leaf, max_batch, shares)
+        for chunk in plan_chunks(B, K, T, lambda: rows):
+            pred = _chunk_predictions(unet, inputs, cond_leaf, chunk, shares)
+            target = _pair_target(inputs, chunk)  # per chunk: its graph to x0 is the chunk's own
+            dc_error(pred, target, loss, huber_delta).backward(grad_err[chunk.index])
     if x0.requires_grad:
         x0.backward(x0_leaf.grad)
     if cond.requires_grad:

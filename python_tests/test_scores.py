@@ -153,14 +153,17 @@ class _ChannelsLast(torch.nn.Module):
 def test_channels_last_unet(lora_unet, scheduler, max_batch):
     x0, cond, timesteps, noise = _problem(seed=6)
     wrapped = _ChannelsLast(lora_unet)
+    # The wrapper is no UNet2DConditionModel, so it runs the plain per-row pass: compare with that pass (share=()).
     with torch.no_grad():
-        plain = dcfast.dc_scores(lora_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=max_batch)
+        plain = dcfast.dc_scores(lora_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=max_batch,
+                                 share=())
         last = dcfast.dc_scores(wrapped, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=max_batch)
     assert torch.equal(last, plain)
     grads = []
     for model in (lora_unet, wrapped):
         lora_unet.zero_grad()
-        dcfast.dc_loss_backward(model, scheduler, x0, cond, _ce_loss, timesteps=timesteps, noise=noise, max_batch=5)
+        dcfast.dc_loss_backward(model, scheduler, x0, cond, _ce_loss, timesteps=timesteps, noise=noise, max_batch=5,
+                                share=())
         grads.append(_grads(lora_unet))
     lora_unet.zero_grad()
     assert _rel(grads[1], grads[0]) <= 1e-6

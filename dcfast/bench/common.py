@@ -33,6 +33,24 @@ def median_time(fn: Callable[[], object], repeats: int, device: str, warmup: int
     return statistics.median(times)
 
 
+def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, device: str) -> Dict[str, List[float]]:
+    """Wall-clock seconds of every case, `rounds` times, cases interleaved within each round.
+
+    On a shared machine the load drifts over minutes: running case A's repeats, then case B's, would give
+    their ratio the drift. Interleaved, each round sees every case under about the same load; the ratio of
+    medians over rounds then compares like with like. Warm-up is the caller's.
+    """
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> Tuple[object, int]:
     """(fn(), peak bytes allocated by torch during the call above what was allocated before it).
 
