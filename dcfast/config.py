@@ -122,7 +122,11 @@ class TrainConfig:
     temperature: Union[float, str] = "auto"
     auto_temperature_scale: float = 1.0  # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1
     dc_loss: str = "l2"  # the DC error's per-pixel loss, as the denoising loss
-    dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: engine default)
+    dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: autotuned; set it to pin results bitwise)
+    # EWC-DC's denoising loss and DSC's noise distillation (the beta terms) read from the DC pass's own rows under
+    # c_n (and c_m) instead of separate U-Net calls: the same (t, eps) pairs, no extra U-Net rows per step. EWC-DC's
+    # denoising loss then averages num_dc_timesteps pairs per image instead of one, without offset noise.
+    dc_denoise_rows: bool = False
 
     # EWC / EWC-DC. The Fisher is a sum over the task's images of per-sample squared gradients.
     # lambda: penalty weight, on the mean-normalised Fisher (fisher_normalize), one value for EWC and EWC-DC.
@@ -413,6 +417,9 @@ def _problems(config: TrainConfig) -> List[str]:
                  "dc_c0_weight", "noise_offset"):
         if not _number(getattr(config, name)) or getattr(config, name) < 0:
             found.append(f"{name}: must be a number >= 0, got {getattr(config, name)!r}")
+    if config.dc_denoise_rows is True and _number(config.noise_offset) and config.noise_offset > 0:
+        found.append("dc_denoise_rows: the DC pass's noise has no offset, so its c_n rows cannot give the offset-noise "
+                     "denoising loss; set noise_offset to 0 or dc_denoise_rows to false")
     if not _number(config.gamma) or not 0 <= config.gamma <= 1:
         found.append(f"gamma: the Fisher decay must lie in [0, 1], got {config.gamma!r}")
     if not _number(config.dc_label_smoothing) or not 0 <= config.dc_label_smoothing < 1:

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from dcfast.scores import dc_logits, dc_scores, default_timesteps, training_target
+from dcfast.scores import dc_logits, dc_scores, dc_scores_with_predictions, default_timesteps, training_target
 
 
 def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
@@ -83,6 +83,25 @@ def dc_log_probs(unet, scheduler, x0: torch.Tensor, conds: torch.Tensor, timeste
     """log p_theta(c_k | x0) (B, K) from the DC engine over the K concept conditions `conds` (K, L, D)."""
     err = dc_scores(unet, scheduler, x0, conds, timesteps=timesteps, noise=noise, loss=loss, max_batch=max_batch)
     return torch.log_softmax(dc_logits(err, temperature).float(), dim=-1)
+
+
+def dc_log_probs_and_rows(unet, scheduler, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
+                          noise: torch.Tensor, temperature: float, columns: Sequence[int], loss: str = "l2",
+                          max_batch=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """`dc_log_probs` and, from the same pass, the model's outputs under conds[c] for c in `columns`, each
+    (B*T, C, H, W) in `predict_rows`' order: the rows a separate `predict_rows` call would compute, not recomputed."""
+    err, rows = dc_scores_with_predictions(unet, scheduler, x0, conds, columns, timesteps=timesteps, noise=noise,
+                                           loss=loss, max_batch=max_batch)
+    log_probs = torch.log_softmax(dc_logits(err, temperature).float(), dim=-1)
+    return log_probs, [rows[:, i].reshape(-1, *x0.shape[1:]) for i in range(len(columns))]
+
+
+def rows_denoise_loss(scheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                      pred: torch.Tensor) -> torch.Tensor:
+    """L_denoise over rows (b, j): mean ||target - pred||^2 with pred (B*T, C, H, W) from `predict_rows` or
+    `dc_log_probs_and_rows` at timesteps (B, T) and noise (B, T, C, H, W)."""
+    _, _, target = noisy_rows(scheduler, x0, timesteps, noise)
+    return F.mse_loss(pred.float(), target.float())
 
 
 def dc_term(log_probs: torch.Tensor, push: str = "spec", smoothing: float = 0.0, c0_weight: float = 1.0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -426,27 +426,56 @@ def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timestep
     return _errors(unet, inputs, cond, loss, max_batch, huber_delta, share)
 
 
+def dc_scores_with_predictions(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, concepts: Sequence[int] = (0,),
+                               *, timesteps=None, noise=None, num_timesteps: int = 8,
+                               generator: Optional[torch.Generator] = None, loss: str = "l2",
+                               max_batch: Optional[int] = None, huber_delta: float = 1.0,
+                               share=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`dc_scores` plus the pass's own U-Net outputs under `concepts` (indices into cond), no extra U-Net call.
+
+    Returns (err (B, K, T), predictions (B, len(concepts), T, C, H, W) in the noise's dtype): predictions[b, i, j]
+    is the model's output at (x_t[b, j], cond[concepts[i]], t[b, j]), what a separate call on those rows gives.
+    Differentiable like `dc_scores` (EWC-DC's denoising loss and DSC's noise distillation read them).
+    """
+    _check_loss(loss)
+    inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
+                            num_timesteps=num_timesteps, generator=generator)
+    concepts = [int(k) for k in concepts]
+    if any(not 0 <= k < cond.shape[0] for k in concepts):
+        raise ValueError(f"concepts must index cond's {cond.shape[0]} conditions, got {concepts}")
+    err, kept = _errors(unet, inputs, cond, loss, max_batch, huber_delta, share, keep=concepts)
+    B, T = inputs.shape
+    return err, kept.view(B, len(concepts), T, *x0.shape[1:])
+
+
 def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Optional[int],
-            huber_delta: float, share=None) -> torch.Tensor:
+            huber_delta: float, share=None, keep: Sequence[int] = ()):
+    """err (B, K, T); with `keep`, (err, the predictions of those concepts (B, len(keep), T, C*H*W))."""
     B, T = inputs.shape
     K = cond.shape[0]
     shares = usable_shares(unet, _requested(share))
 
-    def run(rows: int) -> torch.Tensor:
+    def run(rows: int):
         # Each chunk's errors go straight from its predictions (read once by the fused kernel, the target
         # read in place for all concepts) into err: no buffer of all predictions, no torch.cat.
         err = torch.empty((B, K, T), device=inputs.x0.device, dtype=torch.float32)
+        kept = None
         for chunk in plan_chunks(B, K, T, lambda: rows):
             pred = _chunk_predictions(unet, inputs, cond, chunk, shares)
             err[chunk.index] = dc_error(pred, _pair_target(inputs, chunk), loss, huber_delta)
-        return err
+            for slot, k in enumerate(keep):
+                if chunk.k0 <= k < chunk.k1:
+                    if kept is None:
+                        kept = pred.new_empty((B, len(keep), T, pred.shape[-1]))
+                    kept[chunk.b0:chunk.b1, slot, chunk.j0:chunk.j1] = pred[:, k - chunk.k0]
+        return (err, kept) if keep else err
 
     explicit = max_batch is not None or inputs.x0.device.type == "cpu"  # OOM halving: CUDA's default only
     if torch.is_grad_enabled():
         return _with_oom_retry(run, _chunk_rows(unet, inputs, cond, max_batch, shares), explicit)
-    with torch.inference_mode():  # as fast as no_grad gets; err is cloned out of inference mode below
-        err = _with_oom_retry(run, _chunk_rows(unet, inputs, cond, max_batch, shares), explicit)
-    return err.clone()
+    with torch.inference_mode():  # as fast as no_grad gets; results are cloned out of inference mode below
+        out = _with_oom_retry(run, _chunk_rows(unet, inputs, cond, max_batch, shares), explicit)
+    return tuple(t.clone() for t in out) if keep else out.clone()
 
 
 def dc_logits(err: torch.Tensor, temperature: float = 1.0, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

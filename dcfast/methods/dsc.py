@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dcfast.adapters import lora_state, swapped_lora
 from dcfast.methods.base import Method, Models, TaskData
 from dcfast.methods.ewc_dc import EWCDC, measure_temperature
-from dcfast.objectives import dc_log_probs, predict_rows, random_pairs
+from dcfast.objectives import dc_log_probs, dc_log_probs_and_rows, predict_rows, random_pairs
 
 
 class Distiller:
@@ -67,17 +67,31 @@ class Distiller:
             return dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, config.dc_loss,
                                 config.dc_max_batch)
 
-        with torch.no_grad():
-            with swapped_lora(unet, self.teacher1):
-                p_t1, eps_t1 = scores(), predict_rows(unet, scheduler, x0, c_n, timesteps, noise)  # T1 under c_n
-            with swapped_lora(unet, self.pool[m]):
-                p_t2, eps_t2 = scores(), predict_rows(unet, scheduler, x0, c_m, timesteps, noise)  # T2 under c_m
-        p_s = scores()
+        def scores_and_rows(*columns: int):  # dc_denoise_rows: eps_T / eps_S read from the DC pass's own rows
+            return dc_log_probs_and_rows(unet, scheduler, x0, conds, timesteps, noise, temperature, columns,
+                                         config.dc_loss, config.dc_max_batch)
+
+        if config.dc_denoise_rows:
+            with torch.no_grad():
+                with swapped_lora(unet, self.teacher1):
+                    p_t1, (eps_t1,) = scores_and_rows(0)  # T1 under c_n
+                with swapped_lora(unet, self.pool[m]):
+                    p_t2, (eps_t2,) = scores_and_rows(self.m_column())  # T2 under c_m
+            p_s, (eps_s_n, eps_s_m) = scores_and_rows(0, self.m_column())
+        else:
+            with torch.no_grad():
+                with swapped_lora(unet, self.teacher1):
+                    p_t1, eps_t1 = scores(), predict_rows(unet, scheduler, x0, c_n, timesteps, noise)  # T1 under c_n
+                with swapped_lora(unet, self.pool[m]):
+                    p_t2, eps_t2 = scores(), predict_rows(unet, scheduler, x0, c_m, timesteps, noise)  # T2 under c_m
+            p_s = scores()
+            eps_s_n = predict_rows(unet, scheduler, x0, c_n, timesteps, noise)
+            eps_s_m = predict_rows(unet, scheduler, x0, c_m, timesteps, noise)
         parts = {  # KL(p_T || p_S): the student matches each teacher's scores
             "dsc_kl_t1": F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean"),
             "dsc_kl_t2": F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean"),
-            "dsc_mse_t1": F.mse_loss(predict_rows(unet, scheduler, x0, c_n, timesteps, noise).float(), eps_t1.float()),
-            "dsc_mse_t2": F.mse_loss(predict_rows(unet, scheduler, x0, c_m, timesteps, noise).float(), eps_t2.float()),
+            "dsc_mse_t1": F.mse_loss(eps_s_n.float(), eps_t1.float()),
+            "dsc_mse_t2": F.mse_loss(eps_s_m.float(), eps_t2.float()),
         }
         loss = (config.dsc_alpha * (parts["dsc_kl_t1"] + parts["dsc_kl_t2"])
                 + config.dsc_beta * (parts["dsc_mse_t1"] + parts["dsc_mse_t2"]))

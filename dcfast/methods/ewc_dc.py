@@ -16,7 +16,8 @@ import torch
 
 from dcfast.methods.ewc import EWC
 from dcfast.methods.base import TaskData
-from dcfast.objectives import dc_log_probs, dc_term, fisher_pairs, random_pairs, task_temperature
+from dcfast.objectives import (dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs, rows_denoise_loss,
+                               task_temperature)
 
 
 def ewc_dc_concepts(task: TaskData, k: int, generator: Optional[torch.Generator]) -> List[str]:
@@ -57,11 +58,24 @@ class EWCDC(EWC):
                                  self.temperature, config.dc_loss, config.dc_max_batch)
         return dc_term(log_probs, config.dc_push, config.dc_label_smoothing, config.dc_c0_weight)
 
+    def denoise_and_dc(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
+                       noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """dc_denoise_rows: (L_denoise over the DC pass's own c_n rows, the DC term), one U-Net pass for both."""
+        models, config = self.models, self.config
+        log_probs, (rows,) = dc_log_probs_and_rows(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
+                                                   self.temperature, (0,), config.dc_loss, config.dc_max_batch)
+        denoise = rows_denoise_loss(models.noise_scheduler, x0, timesteps, noise, rows)
+        return denoise, dc_term(log_probs, config.dc_push, config.dc_label_smoothing, config.dc_c0_weight)
+
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         task, config = self.task, self.config
         conds = self.models.encode(self.concepts(task, task.shared_generator))
         timesteps, noise = random_pairs(self.models.noise_scheduler, x0, config.num_dc_timesteps, task.generator)
-        denoise, dc, penalty = self.denoise(x0), self.dc_loss(x0, conds, timesteps, noise), self.penalty()
+        if config.dc_denoise_rows:
+            denoise, dc = self.denoise_and_dc(x0, conds, timesteps, noise)
+        else:
+            denoise, dc = self.denoise(x0), self.dc_loss(x0, conds, timesteps, noise)
+        penalty = self.penalty()
         total = denoise + config.delta * dc + penalty
         return total, {"denoise": denoise.item(), "dc": dc.item(), "penalty": penalty.item()}
 
