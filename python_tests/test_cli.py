@@ -28,9 +28,9 @@ def test_bench_dc_scores_quick_prints_headline_and_json(tmp_path, capsys, monkey
     out = tmp_path / "bench.json"
     assert main(["bench", "dc-scores", "--quick", "--json", str(out)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    match = re.fullmatch(r"speedup_vs_naive=(\S+) max_abs_err=(\S+)", last)
+    match = re.fullmatch(r"speedup_vs_naive=(\S+) speedup_vs_peer=(\S+) max_abs_err=(\S+)", last)
     assert match, last
-    assert float(match.group(2)) <= 1e-5
+    assert float(match.group(3)) <= 1e-5
     data = json.loads(out.read_text())
     assert {"rows", "summary", "environment"} <= set(data)
     assert data["summary"]["grad_rel_err"] <= 1e-5
@@ -46,13 +46,17 @@ def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch):
+def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch, tmp_path):
     from dcfast.methods import METHODS
 
     monkeypatch.setattr("dcfast.bench.train.METHODS", {name: METHODS[name] for name in ("lora", "ewc-dc")})
-    assert main(["bench", "train", "--quick"]) == 0
+    monkeypatch.setattr("dcfast.bench.train.QUICK_GRID", ((2,), (2,)))
+    assert main(["bench", "train", "--quick", "--json", str(tmp_path / "train.json")]) == 0
     out = capsys.readouterr().out
     assert "ewc-dc" in out
+    grid = json.loads((tmp_path / "train.json").read_text())["grid"]
+    assert [(r["k"], r["T"], r["dc_denoise_rows"]) for r in grid] == [(2, 2, False), (2, 2, True)]
+    assert all(r["ratio_vs_lora"] > 0 for r in grid)
     match = re.search(r"^max_step_ratio_vs_lora=(\S+)$", out, re.M)
     assert match and float(match.group(1)) >= 1.0  # lora's own ratio is 1, the max can't be lower
 

@@ -1,8 +1,14 @@
-"""`dcfast bench train`: per-step training time of every method relative to sequential LoRA.
+"""`dcfast bench train`: per-step training time of every method relative to sequential LoRA, and EWC-DC's
+step time relative to LoRA for each (k, T) = (num_dc_concepts, num_dc_timesteps).
 
-Each method trains the same two synthetic tasks on the tiny model (built in code, no download);
-the timed steps are task 2's, where every regulariser is active (EWC penalty, DC term, C-LoRA's
-merged past). Consolidation (Fisher, DSC distillation) runs once per task and is reported apart.
+Each method trains the same synthetic tasks on the tiny model (built in code, no download); the timed
+steps are the last task's, where every regulariser is active (EWC penalty, DC term, C-LoRA's merged
+past). Consolidation (Fisher, DSC distillation) runs once per task and is reported apart.
+
+The (k, T) grid trains k - 1 tasks (at least 2), so that S holds k concepts in the timed task, with and
+without `dc_denoise_rows` (the denoising loss from the DC pass's own c_n rows); each grid row is compared
+with LoRA trained on the same tasks. Runs follow one another: on a shared machine the ratios carry the
+load's drift between runs (the step medians of one run do not).
 """
 from __future__ import annotations
 
@@ -12,47 +18,75 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-
 from dcfast.bench.common import environment, format_table
 from dcfast.config import TrainConfig
 from dcfast.data import write_shape_images
 from dcfast.methods import METHODS
 from dcfast.models import tiny
 
-COLUMNS = ["method", "median_step_s", "ratio_vs_lora", "task2_seconds", "consolidation_s"]
-COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200)}
+COLUMNS = ["method", "median_step_s", "ratio_vs_lora", "task_seconds", "consolidation_s"]
+GRID_COLUMNS = ["k", "T", "dc_denoise_rows", "unet_rows_per_image", "median_step_s", "lora_step_s", "ratio_vs_lora"]
+COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
+GRID = ((2, 3, 4), (1, 2, 4, 8))  # k values, T values
+QUICK_GRID = ((2, 4), (4,))
 
 
-def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: Path, steps: int) -> Dict:
+def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: Path, steps: int, **fields) -> Dict:
+    """Train `method` on every task of `concepts`; median step time of the last task, its seconds, consolidation."""
     from dcfast.trainer import train
 
+    last = len(concepts)
     stamps: List[float] = []
+    name = "-".join([method] + [f"{k}{v}" for k, v in sorted(fields.items())])
     config = TrainConfig.from_dict(dict(
-        pretrained_model_name_or_path=str(model_dir), output_dir=str(out / method), method=method,
+        pretrained_model_name_or_path=str(model_dir), output_dir=str(out / name), method=method,
         tasks=[{"images": str(folder), "class_word": word} for word, folder in concepts.items()],
-        max_train_steps=steps, train_batch_size=2, checkpointing_steps=10 * steps, dsc_iterations=steps))
-    result = train(config, step_callback=lambda task, step, models: task == 2 and stamps.append(time.perf_counter()))
+        max_train_steps=steps, train_batch_size=2, checkpointing_steps=10 * steps, dsc_iterations=steps, **fields))
+    result = train(config, step_callback=lambda task, step, models: task == last and stamps.append(time.perf_counter()))
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
-    task2 = result.metrics[1]["seconds"]
-    return {"method": method, "median_step_s": statistics.median(step_times), "task2_seconds": task2,
-            "consolidation_s": task2 - sum(step_times)}
+    seconds = result.metrics[-1]["seconds"]
+    return {"method": method, "median_step_s": statistics.median(step_times), "task_seconds": seconds,
+            "consolidation_s": seconds - sum(step_times)}
+
+
+def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dict]:
+    """EWC-DC's step time relative to LoRA at each (k, T), with and without dc_denoise_rows."""
+    rows = []
+    for k in ks:
+        tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
+        lora = _time_method("lora", root / "model", tasks, root / f"grid-k{k}", steps)["median_step_s"]
+        for T in ts:
+            for from_rows in (False, True):
+                timed = _time_method("ewc-dc", root / "model", tasks, root / f"grid-k{k}", steps,
+                                     num_dc_concepts=k, num_dc_timesteps=T, dc_denoise_rows=from_rows)
+                rows.append({"k": k, "T": T, "dc_denoise_rows": from_rows,
+                             "unet_rows_per_image": k * T + (0 if from_rows else 1),
+                             "median_step_s": timed["median_step_s"], "lora_step_s": lora,
+                             "ratio_vs_lora": timed["median_step_s"] / lora})
+    return rows
 
 
 def run(quick: bool = False, device: str = "cpu") -> Dict[str, object]:
-    """Train every method on two tiny tasks; print and return per-step times relative to `lora`."""
+    """Train every method on two tiny tasks, then the EWC-DC (k, T) grid; print and return step times vs `lora`."""
     if device != "cpu":
         raise ValueError("dcfast bench train runs the tiny model on the CPU; use --device cpu")
     steps = 4 if quick else 12
+    ks, ts = QUICK_GRID if quick else GRID
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         tiny(seed=0).save_pretrained(root / "model")
         concepts = {word: write_shape_images(root / word, colour) for word, colour in COLOURS.items()}
-        rows = [_time_method(method, root / "model", concepts, root / "runs", steps) for method in METHODS]
+        two = {word: concepts[word] for word in list(concepts)[:2]}
+        rows = [_time_method(method, root / "model", two, root / "runs", steps) for method in METHODS]
+        grid = _grid(root, concepts, steps, ks, ts)
     base = next(r for r in rows if r["method"] == "lora")["median_step_s"]
     for row in rows:
         row["ratio_vs_lora"] = row["median_step_s"] / base
     print(format_table(rows, COLUMNS))
+    print(format_table(grid, GRID_COLUMNS))
     slowest = max(rows, key=lambda r: r["ratio_vs_lora"])
     summary = {"max_step_ratio_vs_lora": slowest["ratio_vs_lora"], "slowest_method": slowest["method"],
-               "steps_per_task": steps}
-    return {"rows": rows, "summary": summary, "environment": environment(device)}
+               "steps_per_task": steps,
+               "ewc_dc_grid": {f"k{r['k']}_T{r['T']}{'_rows' if r['dc_denoise_rows'] else ''}": r["ratio_vs_lora"]
+                               for r in grid}}
+    return {"rows": rows, "grid": grid, "summary": summary, "environment": environment(device)}
