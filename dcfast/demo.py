@@ -109,8 +109,29 @@ def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], r
     return TrainConfig.from_dict(values)
 
 
+def evaluation_config(config: DemoConfig):
+    """The EvalConfig of every run of the demo."""
+    from dcfast.evaluation import EvalConfig
+
+    return EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
+                      max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
+                      fidelity_images=config.fidelity_images)
+
+
 def _as_json(value: object) -> object:
     return json.loads(json.dumps(value))
+
+
+def own_settings(settings: Dict[str, object]) -> Dict[str, object]:
+    """A TrainConfig dict as the run's method sees it: without the fields only other methods read
+    (Method.config_fields), with every field it lacks at its default (a run written before the field existed)."""
+    from dcfast.config import TrainConfig
+    from dcfast.methods import METHODS, get_method
+
+    foreign = {f for cls in METHODS.values() for f in cls.config_fields} - set(get_method(settings["method"]).config_fields)
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in {**_as_json(defaults), **settings}.items() if k not in foreign}
 
 
 def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
@@ -122,8 +143,8 @@ def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict
     except (OSError, ValueError, KeyError):
         return None
     wanted = {k: v for k, v in _as_json(dataclasses.asdict(eval_config)).items() if k != "progress"}
-    if trained != _as_json(train_settings.to_dict()) or not all(metrics.get("config", {}).get(k) == v
-                                                                 for k, v in wanted.items()):
+    if own_settings(trained) != own_settings(_as_json(train_settings.to_dict())) or not all(
+            metrics.get("config", {}).get(k) == v for k, v in wanted.items()):
         return None
     summary = metrics.get("summary", {})
     return summary if "train_seconds" in summary else None
@@ -137,14 +158,11 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     returned as it is (a killed benchmark resumes without redoing its finished runs).
     Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
     """
-    from dcfast.evaluation import EvalConfig, evaluate
+    from dcfast.evaluation import evaluate
     from dcfast.report import write_report
     from dcfast.trainer import train
 
-    train_settings = train_config(config, method, tasks, run_dir)
-    eval_config = EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
-                             max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
-                             fidelity_images=config.fidelity_images)
+    train_settings, eval_config = train_config(config, method, tasks, run_dir), evaluation_config(config)
     stored = finished_summary(run_dir, train_settings, eval_config) if reuse else None
     if stored is not None:
         log(f"[{method}] reusing the finished run in {run_dir}")

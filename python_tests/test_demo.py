@@ -248,17 +248,50 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     tasks = demo.write_concepts(config)
     run_dir = str(tmp_path / "d" / "lora")
     first = demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    stored_summary = json.loads(Path(first["report"]["metrics"]).read_text())["summary"]
+
+    def finished(cfg, method="lora"):
+        return demo.finished_summary(run_dir, demo.train_config(cfg, method, tasks, run_dir), demo.evaluation_config(cfg))
+
+    assert finished(config) == stored_summary
+    # fields only other methods read change nothing for lora; lora's own settings and the evaluation's do
+    assert finished(demo.replace(config, train_overrides={"clora_lambda": 7.0, "delta": 0.5, "dsc_alpha": 3.0,
+                                                          "ewc_lambda": 9.0})) == stored_summary
+    for changed in (demo.replace(config, max_train_steps=2), demo.replace(config, train_overrides={"rank": 8}),
+                    demo.replace(config, fidelity_images=3), demo.replace(config, seed=1)):
+        assert finished(changed) is None
+    assert finished(config, method="ewc") is None  # another method's run
+    # a field the run was written without counts at its default: equal to the run's value here ...
+    run_json = Path(run_dir) / "run.json"
+    stored = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**stored, "config": {k: v for k, v in stored["config"].items() if k != "adam_beta1"}}))
+    assert finished(config) == stored_summary
+    # ... and different from it here (the world regime's noise_offset is 0.1, the default 0.0)
+    run_json.write_text(json.dumps({**stored, "config": {k: v for k, v in stored["config"].items() if k != "noise_offset"}}))
+    assert finished(config) is None
+    run_json.write_text(json.dumps(stored))
 
     def no_training(settings):
-        raise AssertionError("a finished run with the same settings was trained again")
+        raise AssertionError("trained again")
 
     monkeypatch.setattr(trainer, "train", no_training)
-    again = demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
-    assert again["summary"] == json.loads(Path(first["report"]["metrics"]).read_text())["summary"]
-    for changed in (demo.replace(config, max_train_steps=2), demo.replace(config, fidelity_images=3)):
-        with pytest.raises(AssertionError, match="trained again"):
-            demo.run_method(changed, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
-    # the refused retraining removed the old metrics first: a killed new run is never taken for finished
-    assert not (Path(run_dir) / "eval" / "metrics.json").exists()
+    assert demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)["summary"] == stored_summary
     with pytest.raises(AssertionError, match="trained again"):
-        demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+        demo.run_method(demo.replace(config, max_train_steps=2), "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    # the retraining removed the old metrics first: a killed new run is never taken for a finished one
+    assert not (Path(run_dir) / "eval" / "metrics.json").exists() and finished(config) is None
+
+
+def test_method_config_fields_name_train_config_fields_and_subclasses_keep_their_parents():
+    import dataclasses
+
+    from dcfast.config import TrainConfig
+    from dcfast.methods import METHODS
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for method, cls in METHODS.items():
+        assert set(cls.config_fields) <= names, (method, set(cls.config_fields) - names)
+        for parent in cls.__mro__[1:]:
+            assert set(getattr(parent, "config_fields", ())) <= set(cls.config_fields), (method, parent)
+    assert set(METHODS["dsc"].config_fields) <= set(METHODS["dsc+ewc-dc"].config_fields)
+    assert METHODS["lora"].config_fields == ()

@@ -79,6 +79,9 @@ class Method:
 
     name: ClassVar[str] = ""
     random_token_init: ClassVar[bool] = False  # C-LoRA: modifier tokens start random
+    # TrainConfig fields only some methods read, those this one reads: a finished run of a method is the
+    # same run whatever the values of the others' (dcfast.demo reuses finished benchmark runs on that basis)
+    config_fields: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, config, models: Models):
         self.config, self.models = config, models

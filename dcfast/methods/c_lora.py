@@ -21,6 +21,7 @@ class CLoRA(Method):
 
     name = "c-lora"
     random_token_init = True
+    config_fields = ("clora_lambda",)
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)

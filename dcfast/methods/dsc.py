@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from dcfast.adapters import lora_state, swapped_lora
 from dcfast.methods.base import Method, Models, TaskData
 from dcfast.methods.ewc_dc import EWCDC, measure_temperature
-from dcfast.objectives import dc_log_probs, dc_log_probs_and_rows, predict_rows, random_pairs
+from dcfast.objectives import DC_SCORE_FIELDS, dc_log_probs, dc_log_probs_and_rows, predict_rows, random_pairs
+
+# TrainConfig fields of DSC's distillation (DSC's and DSC+EWC-DC's share of Method.config_fields)
+DISTILL_FIELDS = ("dsc_alpha", "dsc_beta", "dsc_iterations", "dsc_learning_rate", "dsc_teacher_pool")
 
 
 class Distiller:
@@ -151,6 +154,7 @@ class DSC(Method):
     """Sequential LoRA training, DSC consolidation after every task."""
 
     name = "dsc"
+    config_fields = DC_SCORE_FIELDS + DISTILL_FIELDS
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)
@@ -177,6 +181,7 @@ class DSCEWCDC(EWCDC):
     then the EWC-DC Fisher is taken at the student."""
 
     name = "dsc+ewc-dc"
+    config_fields = EWCDC.config_fields + DISTILL_FIELDS + ("dsc_ewc_penalty",)
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)

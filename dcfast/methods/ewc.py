@@ -22,6 +22,7 @@ class EWC(Method):
     """Sequential LoRA plus the online-EWC penalty."""
 
     name = "ewc"
+    config_fields = ("ewc_lambda", "gamma", "fisher_batch_size", "fisher_normalize", "fisher_num_timesteps")
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)

@@ -16,8 +16,8 @@ import torch
 
 from dcfast.methods.ewc import EWC
 from dcfast.methods.base import TaskData
-from dcfast.objectives import (dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs, rows_denoise_loss,
-                               task_temperature)
+from dcfast.objectives import (DC_SCORE_FIELDS, dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs,
+                               rows_denoise_loss, task_temperature)
 
 
 def ewc_dc_concepts(task: TaskData, k: int, generator: Optional[torch.Generator]) -> List[str]:
@@ -43,6 +43,7 @@ class EWCDC(EWC):
     """EWC with the DC pull/push term and the DC-classification Fisher."""
 
     name = "ewc-dc"
+    config_fields = EWC.config_fields + DC_SCORE_FIELDS + ("delta", "dc_push", "dc_label_smoothing", "dc_c0_weight")
 
     def begin_task(self, task: TaskData) -> None:
         super().begin_task(task)
