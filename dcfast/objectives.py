@@ -17,7 +17,7 @@ from dcfast.scores import dc_logits, dc_scores, dc_scores_with_predictions, defa
 
 # TrainConfig fields the DC-score objectives read (EWC-DC's and DSC's share of Method.config_fields)
 DC_SCORE_FIELDS = ("temperature", "auto_temperature_scale", "num_dc_concepts", "num_dc_timesteps", "dc_loss",
-                   "dc_max_batch")
+                   "dc_max_batch", "dc_denoise_rows")
 
 
 def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
