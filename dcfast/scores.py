@@ -215,36 +215,36 @@ def plan_chunks(B: int, K: int, T: int, budget: Callable[[], int]) -> Iterator[C
 # Chunk size: autotuned once per (U-Net config, row shape, device, dtype, threads), cached in memory.
 # ------------------------------------------------------------------------------------------------------
 
-# Candidate row budgets on CPU. Below 16 rows per call the tiny U-Net pays per-call overhead; above 128 its
-# activations spill the caches (benchmarks/RESULTS.md). Each is timed TUNE_ROUNDS times on one chunk of the
-# first call's own inputs, before its real work (the first run of a new shape includes oneDNN's primitive
-# set-up: the min discards it). Tuning before, not during, the real work keeps every call of a process on
-# one chunk size: results that are bitwise reproducible within the process (a chunk size changes the last
-# bit of some errors; pin `max_batch` / `dc_max_batch` for bitwise equality across processes).
+# Candidate row budgets on CPU, tried in ascending order. Below 16 rows per call the tiny U-Net pays per-call
+# overhead; above 128 its activations spill the caches (benchmarks/RESULTS.md). Each is timed on one chunk of
+# the first call's own inputs, before its real work, at least TUNE_ROUNDS times and TUNE_MIN_SECONDS (the
+# first run of a new shape includes oneDNN's primitive set-up: the min discards it); the ascent stops at the
+# first budget TUNE_STOP times slower per row than the best so far (per-row time is U-shaped in the chunk
+# size), so large rows are not timed at sizes they cannot win. Tuning before, not during, the real work keeps
+# every call of a process on one chunk size: results that are bitwise reproducible within the process (a chunk
+# size changes the last bit of some errors; pin `max_batch` / `dc_max_batch` for bitwise equality across
+# processes).
 CPU_CANDIDATES = (16, 32, 64, 128)
 TUNE_ROUNDS = 2
+TUNE_MIN_SECONDS = 0.05
+TUNE_MAX_RUNS = 8
+TUNE_STOP = 1.05
 CPU_FALLBACK = 32  # where tuning is not possible (module hooks would see the timing runs): the peer's batch
 
 
 @dataclass
 class _Tuning:
-    candidates: Tuple[int, ...]  # row budgets, distinct in their full chunk size
+    candidates: Tuple[int, ...]  # row budgets, ascending, distinct in their full chunk size
     full: Dict[int, int]  # budget -> rows of its full chunk
     seconds: Dict[int, List[float]]  # budget -> seconds per row of its timing runs
     best: Optional[int] = None
 
-    def next_budget(self) -> int:
-        """The budget to time next (round robin, TUNE_ROUNDS each), then the fastest for good."""
-        if self.best is None:
-            pending = [c for c in self.candidates if len(self.seconds[c]) < TUNE_ROUNDS]
-            if pending:
-                return min(pending, key=lambda c: len(self.seconds[c]))
-            self.best = min(self.candidates, key=lambda c: min(self.seconds[c]))
-        return self.best
-
     def record(self, budget: int, rows: int, seconds: float) -> None:
-        if self.best is None and budget in self.seconds:
-            self.seconds[budget].append(seconds / rows)
+        self.seconds[budget].append(seconds / rows)
+
+    def fastest(self) -> Optional[int]:
+        timed = [c for c in self.candidates if self.seconds[c]]
+        return min(timed, key=lambda c: min(self.seconds[c])) if timed else None
 
 
 class ChunkTuner:
@@ -284,17 +284,23 @@ def _unet_fingerprint(unet) -> tuple:
 
 
 def _tune(unet, inputs: DCInputs, cond: torch.Tensor, shares: FrozenSet[str], tuning: _Tuning) -> int:
-    """Time every candidate on the first chunk it cuts from these inputs (results discarded); the fastest."""
+    """Time the candidates, ascending, on the first chunk each cuts from these inputs (results discarded)."""
     B, T = inputs.shape
     K = cond.shape[0]
-    while tuning.best is None:
-        budget = tuning.next_budget()
-        if tuning.best is not None:
-            break
+    for budget in tuning.candidates:
         chunk = next(plan_chunks(B, K, T, lambda: budget))
-        start = time.perf_counter()
-        _chunk_predictions(unet, inputs, cond, chunk, shares)
-        tuning.record(budget, chunk.rows, time.perf_counter() - start)
+        spent = 0.0
+        while len(tuning.seconds[budget]) < TUNE_ROUNDS or (spent < TUNE_MIN_SECONDS
+                                                             and len(tuning.seconds[budget]) < TUNE_MAX_RUNS):
+            start = time.perf_counter()
+            _chunk_predictions(unet, inputs, cond, chunk, shares)
+            elapsed = time.perf_counter() - start
+            tuning.record(budget, chunk.rows, elapsed)
+            spent += elapsed
+        best = tuning.fastest()
+        if min(tuning.seconds[budget]) > TUNE_STOP * min(tuning.seconds[best]):
+            break
+    tuning.best = tuning.fastest()
     return tuning.best
 
 

@@ -5,6 +5,7 @@ gradients (to 1e-5 of their scale), on the plain and the peft-LoRA U-Net, chunke
 `dc_scores` with grad and under `dc_loss_backward`; and switch itself off where it cannot be exact.
 """
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,21 +265,30 @@ def test_plan_covers_every_row_once_image_major(budgets):
     assert [b for b, _, _ in rows] == sorted(b for b, _, _ in rows)  # every image's rows before the next's
 
 
-def test_tuner_times_each_candidate_then_keeps_the_fastest():
+@pytest.mark.parametrize("per_row, timed, best", [
+    ({16: 3.0, 32: 1.0, 64: 2.0, 128: 0.5}, [16, 32, 64], 32),  # 64 is slower: the ascent stops before 128
+    ({16: 3.0, 32: 2.0, 64: 1.5, 128: 1.0}, [16, 32, 64, 128], 128),
+    ({16: 1.0, 32: 1.02, 64: 0.9, 128: 2.0}, [16, 32, 64, 128], 64),  # within TUNE_STOP: keeps going
+], ids=["u-shaped", "rising", "noisy"])
+def test_tuner_ascends_and_keeps_the_fastest(monkeypatch, per_row, timed, best):
+    """Fake clock: a chunk of r rows at budget c takes per_row[c] * r seconds, except first runs (set-up) 10x."""
+    clock = [0.0]
+    runs = []
+
+    def fake_predictions(unet, inputs, cond, chunk, shares):
+        budget = chunk.rows  # K=4, T=16: each budget cuts chunks of exactly that many rows
+        clock[0] += per_row[budget] * chunk.rows * (10 if budget not in runs else 1)
+        runs.append(budget)
+
+    monkeypatch.setattr(scores, "_chunk_predictions", fake_predictions)
+    monkeypatch.setattr(scores.time, "perf_counter", lambda: clock[0])
     tuner = scores.ChunkTuner()
-    state = tuner.state("key", 8, 8, 256)
-    assert state.candidates == scores.CPU_CANDIDATES
-    per_row = {16: 3.0, 32: 1.0, 64: 2.0, 128: 4.0}
-    asked = []
-    for _ in range(len(state.candidates) * scores.TUNE_ROUNDS):
-        budget = state.next_budget()
-        asked.append(budget)
-        state.record(budget, state.full[budget], per_row[budget] * state.full[budget])
-    assert sorted(asked) == sorted(list(scores.CPU_CANDIDATES) * scores.TUNE_ROUNDS)
-    assert state.next_budget() == 32 and tuner.choices() == {"key": 32}
-    state.record(16, 16, 0.0)  # once chosen, the choice stays
-    assert state.next_budget() == 32
-    assert tuner.state("key", 8, 8, 256) is state
+    state = tuner.state("key", 4, 16, 256)
+    assert state.candidates == (16, 32, 64, 128) and state.best is None
+    inputs = SimpleNamespace(shape=(4, 16))
+    assert scores._tune(None, inputs, torch.zeros(4, 1, 1), frozenset(), state) == best
+    assert sorted(set(runs)) == timed and all(runs.count(c) >= scores.TUNE_ROUNDS for c in timed)
+    assert tuner.choices() == {"key": best} and tuner.state("key", 4, 16, 256) is state
     assert tuner.state("small", 8, 8, 16) is None  # one chunk holds the pass: nothing to tune
     tuner.clear()
     assert tuner.choices() == {}
