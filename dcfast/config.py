@@ -157,7 +157,10 @@ class TrainConfig:
     fisher_normalize: str = "mean"
 
     # DSC (function-space consolidation after each task from the second on).
-    dsc_alpha: float = 1.0  # alpha: weight of the two DC-score KL terms
+    # alpha: weight of the two DC-score KL terms. Their logits are errors / tau (auto tau ~5e-4..1e-3), so, like
+    # EWC-DC's delta, alpha ~ tau puts them on the noise terms' scale. Chosen on same-class-val
+    # (benchmarks/methods_tuning.md): final fidelity 0.56 at 1e-3, 0.24 at 1.
+    dsc_alpha: float = 1e-3
     dsc_beta: float = 1.0  # beta: weight of the two noise-prediction terms
     dsc_iterations: int = 50  # M: distillation steps per task (a quarter of the default task steps)
     dsc_learning_rate: Optional[float] = None  # None: = learning_rate
