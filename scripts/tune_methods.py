@@ -33,17 +33,16 @@ GRIDS: Dict[str, List[Variant]] = {
     # Penalty weights: EWC and EWC-DC on the same mean-normalised Fisher.
     "lambda": [("lora", {})]
     + [("ewc", {"ewc_lambda": v}) for v in (0.01, 0.1, 1.0, 10.0)]
-    + [("ewc-dc", {"ewc_lambda": v}) for v in (0.01, 0.1)],
+    + [("ewc-dc", {"ewc_lambda": v, "delta": 0.1}) for v in (0.01, 0.1)],  # delta: the default then
     # EWC-DC's DC term at lambda = 1 (EWC's plateau). At the provisional defaults (delta 0.1, complement
     # push, auto tau ~ 5e-4..1e-3) with lambda 0.01 or 0.1 it learned no concept after the first
     # (F[i, i] <= 0.16): the term's gradient is ~delta / tau ~ 100-200x the denoising loss's, so it
     # drowns the loss it should regularise. delta ~ tau puts the two on one scale.
     "dc-term": [("ewc-dc", {"ewc_lambda": 1.0, **change}) for change in (
-        {"delta": 1e-3}, {"delta": 1e-4}, {"delta": 1e-3, "dc_push": "none"}, {"delta": 1e-3, "dc_push": "spec"},
-        {"delta": 1e-3, "num_dc_concepts": 2, "num_dc_timesteps": 1})],
-    # DSC at its defaults (alpha = beta = 1, M = a third of the task's steps) and with the DC-score KL
+        {"delta": 1e-3}, {"delta": 1e-4}, {"delta": 1e-3, "dc_push": "none"}, {"delta": 1e-3, "dc_push": "spec"})],
+    # DSC at its former default alpha = 1 (beta = 1, M = a third of the task's steps) and with the DC-score KL
     # (its logits are also errors / tau) on the tau scale like EWC-DC's delta; DSC+EWC-DC with both there.
-    "dsc": [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3}), ("dsc", {}),
+    "dsc": [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3}), ("dsc", {"dsc_alpha": 1.0}),
             ("dsc", {"dsc_alpha": 1e-3})],
     # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
     # useful range is far above EWC's.
