@@ -200,7 +200,9 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
             for (s, seed, m, _, _, d), summary in zip(jobs, summaries)]
     stats = {s: aggregate([r for r in rows if r["sequence"] == s]) for s in sequences}
     comparison = {s: paired([r for r in rows if r["sequence"] == s]) if "lora" in methods else {} for s in sequences}
-    command = f"dcfast bench methods --seeds {seeds}" + (" --quick" if quick else "")
+    command = (f"dcfast bench methods --seeds {seeds}" + (" --quick" if quick else "")
+               + "".join(f" --sequence {s}" for s in sequences if list(sequences) != list(TEST_SEQUENCES))
+               + "".join(f" --method {m}" for m in methods if list(methods) != list(METHODS)))
     settings = {"sequences": sequences, "num_tasks": base.num_tasks, "max_train_steps": base.max_train_steps,
                 "num_images": base.num_images, "fidelity_images": base.fidelity_images,
                 "num_inference_steps": base.num_inference_steps, "train_overrides": dict(base.train_overrides)}
