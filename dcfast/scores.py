@@ -27,8 +27,10 @@ from dcfast.unet_pass import SHARES, Layout, forward_rows, usable_shares
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# The exact work shared across concepts by default (dcfast.unet_pass; each measured in benchmarks/RESULTS.md).
-DEFAULT_SHARES = frozenset(SHARES)
+# The exact work shared across concepts by default (dcfast.unet_pass), each kept where it paid on the 2-core CPU
+# (benchmarks/RESULTS.md): "prefix" and "kv" did at every size; "temb" (0.03% of the tiny U-Net's FLOPs) measured
+# within the noise, so it is available (share=...) but not on by default.
+DEFAULT_SHARES = frozenset({"prefix", "kv"})
 
 
 @dataclass

@@ -192,6 +192,23 @@ def usable_shares(unet, requested: Iterable[str]) -> FrozenSet[str]:
 # Cross-attention with per-concept keys and values.
 # ------------------------------------------------------------------------------------------------------
 
+# CPU flash attention (torch 2.13) runs key lengths that are multiples of 16 2-3x faster than others: 8 text
+# tokens cost 3x 16, SD's 77 twice 80 (benchmarks/RESULTS.md). Keys and values padded with zeros that a boolean
+# mask keeps out of the softmax (exp(-inf) = 0) give the same attention, once per concept per layer.
+KEY_BLOCK = 16
+
+
+def _padded(key: torch.Tensor, value: torch.Tensor):
+    """(key, value, mask): keys (n, heads, L, dh) padded to a multiple of KEY_BLOCK on CPU, mask None if not."""
+    length = key.shape[-2]
+    if key.device.type != "cpu" or length % KEY_BLOCK == 0:
+        return key, value, None
+    extra = -length % KEY_BLOCK
+    mask = torch.ones(length + extra, dtype=torch.bool, device=key.device)
+    mask[length:] = False
+    return F.pad(key, (0, 0, 0, extra)), F.pad(value, (0, 0, 0, extra)), mask.view(1, 1, 1, -1)
+
+
 def cross_attention(attn, query: torch.Tensor, cond: torch.Tensor, layout: Layout, *, query_per_pair: bool,
                     kv_per_concept: bool) -> torch.Tensor:
     """diffusers' AttnProcessor2_0 on rows (b, k, j) with the query already projected.
@@ -203,17 +220,15 @@ def cross_attention(attn, query: torch.Tensor, cond: torch.Tensor, layout: Layou
     key, value = attn.to_k(cond), attn.to_v(cond)
     inner = key.shape[-1]
     dim = inner // heads
+    key, value, mask = _padded(key.view(key.shape[0], -1, heads, dim).transpose(1, 2),
+                               value.view(value.shape[0], -1, heads, dim).transpose(1, 2))
     if kv_per_concept:
-        key = layout.concepts_to_rows(key.view(key.shape[0], -1, heads, dim).transpose(1, 2))
-        value = layout.concepts_to_rows(value.view(value.shape[0], -1, heads, dim).transpose(1, 2))
-    else:
-        key = key.view(key.shape[0], -1, heads, dim).transpose(1, 2)
-        value = value.view(value.shape[0], -1, heads, dim).transpose(1, 2)
+        key, value = layout.concepts_to_rows(key), layout.concepts_to_rows(value)
     if query_per_pair:
         query = layout.pairs_to_rows(query)
     rows = query.shape[0]
     query = query.view(rows, -1, heads, dim).transpose(1, 2)
-    hidden = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     hidden = hidden.transpose(1, 2).reshape(rows, -1, heads * dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](hidden))
 
@@ -334,11 +349,14 @@ def forward_rows(unet, x_pairs: torch.Tensor, t_pairs: torch.Tensor, cond: torch
     prefix, kv = "prefix" in shares, "kv" in shares
     sample = 2 * x_pairs - 1.0 if unet.config.center_input_sample else x_pairs
 
-    if "temb" in shares:
+    if "temb" in shares:  # once per distinct t
         distinct, inverse = torch.unique(t_pairs, return_inverse=True)
         emb_pairs = _time_embedding(unet, sample, distinct).index_select(0, inverse)
         emb_rows = layout.pairs_to_rows(emb_pairs)
-    else:
+    elif prefix:  # once per pair, as the prefix needs it
+        emb_pairs = _time_embedding(unet, sample, t_pairs)
+        emb_rows = layout.pairs_to_rows(emb_pairs)
+    else:  # once per row, as the plain call
         emb_rows = _time_embedding(unet, sample, layout.pairs_to_rows(t_pairs))
         emb_pairs = None
     enc = cond if kv else layout.concepts_to_rows(cond)
@@ -346,8 +364,6 @@ def forward_rows(unet, x_pairs: torch.Tensor, t_pairs: torch.Tensor, cond: torch
 
     with (_Installed(unet, layout) if kv else _nothing()):
         if prefix:
-            if emb_pairs is None:
-                emb_pairs = _time_embedding(unet, sample, t_pairs)
             first = unet.conv_in(sample)
             hidden, states = _prefix_block(parts, first, emb_pairs, emb_rows, enc, layout, kv)
             res_samples = (layout.pairs_to_rows(first),) + states

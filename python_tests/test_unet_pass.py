@@ -18,7 +18,8 @@ from dcfast.models import tiny_scheduler, tiny_unet
 from dcfast.reference import dc_scores_naive
 
 B, K, T, C = 2, 3, 2, 4
-SHARE_SETS = {"plain": (), "prefix": ("prefix",), "kv": ("kv",), "temb": ("temb",), "all": None}
+SHARE_SETS = {"plain": (), "prefix": ("prefix",), "kv": ("kv",), "temb": ("temb",), "default": None,
+              "all": unet_pass.SHARES}
 LORA = dict(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
