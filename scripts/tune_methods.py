@@ -44,6 +44,11 @@ GRIDS: Dict[str, List[Variant]] = {
     # (its logits are also errors / tau) on the tau scale like EWC-DC's delta; DSC+EWC-DC with both there.
     "dsc": [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3}), ("dsc", {"dsc_alpha": 1.0}),
             ("dsc", {"dsc_alpha": 1e-3})],
+    # DSC's distillation length M (dsc_iterations; default 66, a third of a task's 200 steps). Measured on
+    # same-class-val and same-class-test seed 0 (scripts/dsc_distill_effect.py): before task 4's distillation
+    # the last-trained colour has overwritten the earlier stars (drawn yellow), 66 iterations over three
+    # teachers (~22 each) restore some and not others, and the teacher MSE is still falling at the end.
+    "dsc-iterations": [("dsc", {"dsc_alpha": 1e-3, "dsc_iterations": 200})],
     # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
     # useful range is far above EWC's.
     "c-lora": [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
