@@ -49,6 +49,10 @@ GRIDS: Dict[str, List[Variant]] = {
     # the last-trained colour has overwritten the earlier stars (drawn yellow), 66 iterations over three
     # teachers (~22 each) restore some and not others, and the teacher MSE is still falling at the end.
     "dsc-iterations": [("dsc", {"dsc_alpha": 1e-3, "dsc_iterations": 200})],
+    # EWC-DC's cost against quality (issue 11): k concepts x T pairs per image per step, at the chosen delta and
+    # lambda; (4, 4), the default, is the dc-term grid's first row.
+    "dc-cost": [("ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "num_dc_concepts": k, "num_dc_timesteps": t})
+                for k, t in ((2, 1), (3, 2))],
     # C-LoRA's lambda: its penalty sums products of two LoRA-sized weights (~1e-2 each here), so its
     # useful range is far above EWC's.
     "c-lora": [("c-lora", {"clora_lambda": v}) for v in (1e2, 1e4, 1e6)],
