@@ -71,9 +71,13 @@ def test_dsc_loss_matches_formula(k, m, prompts, prediction):
 
 @pytest.mark.parametrize("name", ["dsc", "dsc+ewc-dc"])
 def test_first_distillation_step_t1_terms_are_exactly_zero(name):
-    """The student starts as T1: KL(p_T1 || p_S) and ||eps_S - eps_T1||^2 are 0 at step 1, the T2 terms are not."""
+    """The student starts as T1: KL(p_T1 || p_S) and ||eps_S - eps_T1||^2 are 0 at step 1, the T2 terms are not.
+
+    dc_max_batch is pinned: left to the timing-based chunk tuner, the teacher's no-grad pass and the student's
+    grad pass may get different chunk sizes on a busy machine, which moves the last bit (a KL of -3.6e-9 seen).
+    """
     method, params, task = formulas.toy_method(name, index=3, past=PAST, num_dc_concepts=4, dsc_iterations=1,
-                                               dsc_ewc_penalty=False)
+                                               dsc_ewc_penalty=False, dc_max_batch=1024)
     method.distiller.pool = [_random_lora(params, 20), _random_lora(params, 21)]
     logs = method.distiller.distill(task, temperature=formulas.TAU)
     assert logs["dsc_kl_t1"] == 0.0 and logs["dsc_mse_t1"] == 0.0
