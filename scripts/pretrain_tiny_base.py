@@ -1,6 +1,9 @@
 """Pretrain dcfast's tiny base model on the tiny world, shipped at `dcfast/assets/tiny-base/`:
 
     python scripts/pretrain_tiny_base.py [--output dcfast/assets/tiny-base] [--quick]
+    python scripts/pretrain_tiny_base.py --init_from dcfast/assets/tiny-base --unet_steps N --lr 3e-4 --output DIR
+
+(the second continues a base model's U-Net and text encoder for N more steps on its own VAE and vocabulary)
 
 A stand-in for Stable Diffusion 1.x with the same diffusers layout (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json; safetensors), trained from scratch on a CPU on the tiny
@@ -200,14 +203,14 @@ def encode_all(vae: AutoencoderKL, images: torch.Tensor, chunk: int = 256) -> to
     return torch.cat([vae.encode(x).latent_dist.mode() for x in images.split(chunk)])
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps, batch, seed, log_every):
+def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps, batch, seed, log_every, lr=1e-3):
     """Epsilon-prediction denoising loss on (latent, sampled caption) pairs; returns (EMA models, final loss)."""
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     scheduler = noise_scheduler()
     alphas = scheduler.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = cosine_lr(optimizer, steps, warmup=200)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -312,6 +315,10 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_samples", type=int, default=8, help="CFG samples per prompt for the oracle scores")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 VAE and 40 U-Net steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--init_from", default=None,
+                        help="continue from this base model: its VAE (not retrained), tokenizer, text encoder and "
+                             "U-Net; --unet_steps more steps at --lr")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak U-Net + text encoder learning rate")
     args = parser.parse_args(argv)
     if args.quick:
         args.vae_steps, args.unet_steps, args.num_scenes, args.eval_samples = 20, 40, 512, 2
@@ -326,12 +333,18 @@ def main(argv=None) -> None:
     print(f"data: {len(pixels)} world renders, {len(extra)} VAE-only crops ({time.time() - started:.0f} s)", flush=True)
 
     # 2. The VAE, then every image's latent once (the VAE is frozen from here), and its scaling factor.
-    vae = build_vae(args.seed)
-    vae_mse = train_vae(vae, torch.cat([pixels, extra]), args.vae_steps, args.vae_batch, args.seed, log_every=100)
-    vae.eval()
-    latents = encode_all(vae, pixels)
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
-    latents = latents * vae.config.scaling_factor
+    if args.init_from:
+        base = Path(args.init_from)
+        vae = AutoencoderKL.from_pretrained(base / "vae").eval()
+        vae_mse, args.vae_steps = float("nan"), 0
+        latents = encode_all(vae, pixels) * vae.config.scaling_factor
+    else:
+        vae = build_vae(args.seed)
+        vae_mse = train_vae(vae, torch.cat([pixels, extra]), args.vae_steps, args.vae_batch, args.seed, log_every=100)
+        vae.eval()
+        latents = encode_all(vae, pixels)
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        latents = latents * vae.config.scaling_factor
     vae_oracle = vae_oracle_accuracy(vae, 2000, args.seed + 3)
     print(f"vae done: mse {vae_mse:.4f}, scaling_factor {vae.config.scaling_factor:.4f}, oracle on "
           f"reconstructions {vae_oracle} ({time.time() - started:.0f} s)", flush=True)
@@ -339,11 +352,19 @@ def main(argv=None) -> None:
     # 3. The tokenizer, the text encoder and the U-Net, trained jointly on sampled captions.
     vocabulary = tempfile.TemporaryDirectory()
     tokenizer = write_tokenizer(vocabulary.name)
-    text_encoder = tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id, seed=args.seed)
-    unet = build_unet(args.seed)
+    if args.init_from:
+        from transformers import CLIPTextModel
+
+        if CLIPTokenizer.from_pretrained(base / "tokenizer").get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"--init_from {base}: its tokenizer differs from this script's vocabulary")
+        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    else:
+        text_encoder = tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id, seed=args.seed)
+        unet = build_unet(args.seed)
     unet_started = time.time()
     ema_unet, ema_text, unet_loss = train_unet(unet, text_encoder, tokenizer, latents, scenes, args.unet_steps,
-                                               args.batch, args.seed + 2, log_every=100)
+                                               args.batch, args.seed + 2, log_every=100, lr=args.lr)
     unet_seconds = time.time() - unet_started
 
     # 4. Save a diffusers directory (DDIM for sampling, as SD's pipelines; training reads it as DDPM).
@@ -365,6 +386,7 @@ def main(argv=None) -> None:
     stats = {"seconds": round(time.time() - started), "unet_seconds": round(unet_seconds), "vae_mse": round(vae_mse, 5),
              "unet_loss": round(unet_loss, 5), "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
              "batch": args.batch, "num_scenes": args.num_scenes, "seed": args.seed, "threads": args.threads,
+             "init_from": args.init_from, "lr": args.lr,
              "vae_reconstruction_oracle_accuracy": vae_oracle, "oracle": oracle}
     (staging / "README.md").write_text(model_card(stats))
     if output.exists():
