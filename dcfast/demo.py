@@ -135,12 +135,18 @@ def own_settings(settings: Dict[str, object]) -> Dict[str, object]:
 
 
 def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
-    """The stored summary of a run in `run_dir` that was trained with exactly `train_settings` and
-    evaluated with `eval_config` (progress display aside), or None (absent, unfinished or different)."""
+    """The stored summary of a run in `run_dir` that was trained with exactly `train_settings` on the same base
+    model weights (run.json's fingerprint: a base replaced at the same path is not the same) and evaluated with
+    `eval_config` (progress display aside), or None (absent, unfinished or different)."""
+    from dcfast.models import model_fingerprint
+
     try:
-        trained = json.loads((Path(run_dir) / "run.json").read_text())["config"]
+        run = json.loads((Path(run_dir) / "run.json").read_text())
+        trained = run["config"]
         metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
     except (OSError, ValueError, KeyError):
+        return None
+    if run.get("base_model_fingerprint") != model_fingerprint(train_settings.pretrained_model_name_or_path):
         return None
     wanted = {k: v for k, v in _as_json(dataclasses.asdict(eval_config)).items() if k != "progress"}
     if own_settings(trained) != own_settings(_as_json(train_settings.to_dict())) or not all(

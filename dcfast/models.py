@@ -5,6 +5,7 @@ The U-Net mirrors SD 1.x's block layout (cross-attention at full resolution firs
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -181,6 +182,7 @@ class Components:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     vae: Optional[AutoencoderKL] = None
+    fingerprint: Optional[str] = None  # model_fingerprint of the directory it was read from
 
     @property
     def vae_scale_factor(self) -> int:
@@ -207,6 +209,32 @@ def check_model_dir(path: Union[str, Path], field: str = "pretrained_model_name_
                          f"subfolder; expected a diffusers layout ({', '.join(s + '/' for s in REQUIRED_SUBFOLDERS)}, "
                          f"optional vae/), e.g. one written by pipeline.save_pretrained")
     return path
+
+
+FINGERPRINT_WHOLE = 2 ** 21  # files up to this size are hashed whole; larger ones by size, first and last MiB
+
+
+def model_fingerprint(path: Union[str, Path]) -> str:
+    """A content fingerprint of a diffusers directory: which weights, tokenizer and scheduler a run was made with.
+
+    Runs record it so that resuming or reusing a run refuses a base model that was replaced in place (same
+    path, other weights). Small files are hashed whole, weight files by their size and first and last MiB,
+    which any retraining changes, so an SD-sized model takes milliseconds, not a full read.
+    """
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(f for sub in REQUIRED_SUBFOLDERS + ("vae",) if (root / sub).is_dir()
+                       for f in (root / sub).rglob("*") if f.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            if size <= FINGERPRINT_WHOLE:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(FINGERPRINT_WHOLE // 2))
+                handle.seek(size - FINGERPRINT_WHOLE // 2)
+                digest.update(handle.read())
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")  # = dcfast.scores.PREDICTION_TYPES (no torch import here)
@@ -246,4 +274,5 @@ def load_components(path: Union[str, Path], revision: Optional[str] = None, vari
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         vae=vae,
+        fingerprint=model_fingerprint(path),
     )

@@ -1,7 +1,7 @@
 """The run directory: its layout, atomic writers, and reading a finished run back.
 
     output_dir/
-      run.json                          resolved config and the task list (tokens, prompts)
+      run.json                          resolved config, the task list (tokens, prompts), base-model fingerprint
       task_{i}/                         i = 1..n, written when task i is consolidated
         pytorch_lora_weights.safetensors    diffusers format: pipe.load_lora_weights(task_dir)
         learned_embeds.safetensors          {"<v_i>": (D,)}: pipe.load_textual_inversion(task_dir, token=...)

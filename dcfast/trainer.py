@@ -73,11 +73,19 @@ def _task_plan(config: TrainConfig) -> List[Dict[str, Optional[str]]]:
     return plan
 
 
-def _check_resumable(config: TrainConfig) -> None:
+def _check_resumable(config: TrainConfig, fingerprint: Optional[str]) -> None:
+    """Refuse to continue a run with another config or with a base model replaced since (run.json records both)."""
     run_file = Path(config.output_dir) / RUN_FILE
     if not run_file.is_file():
         return
-    previous = dict(read_json(run_file)["config"])
+    run = read_json(run_file)
+    trained_on = run.get("base_model_fingerprint")  # absent in runs written before it was recorded
+    if trained_on is not None and fingerprint is not None and trained_on != fingerprint:
+        raise ValueError(f"resume_from_checkpoint: the base model {config.pretrained_model_name_or_path!r} has other "
+                         f"weights than the run in {str(config.output_dir)!r} was trained on (fingerprint "
+                         f"{fingerprint}, the run recorded {trained_on}); resume with the original base model or "
+                         f"choose a new output_dir")
+    previous = dict(run["config"])
     for old, new in RENAMED.items():  # a run written before the rename
         if old in previous:
             previous.setdefault(new, previous.pop(old))
@@ -213,7 +221,7 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
     # 3. Resume: finished tasks are restored, not redone; a mid-task checkpoint continues its task.
     done, checkpoint = 0, None
     if config.resume_from_checkpoint:
-        _check_resumable(config)
+        _check_resumable(config, components.fingerprint)
         done = len(finished_tasks(config.output_dir))
         _restore_finished(models, method, config.output_dir, plan, done)
         path = (ckpt.latest_checkpoint(config.output_dir) if config.resume_from_checkpoint == "latest"
@@ -222,7 +230,8 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
         if checkpoint is not None and checkpoint.task != done + 1:
             checkpoint = None  # a stale checkpoint of a task whose outputs are already written
     if accelerator.is_main_process:
-        write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": plan})
+        write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": plan,
+                                                        "base_model_fingerprint": components.fingerprint})
     if log_with:
         accelerator.init_trackers("dcfast", config={k: v for k, v in config.to_dict().items()
                                                     if isinstance(v, (int, float, str, bool))})

@@ -240,11 +240,17 @@ def test_bench_methods_refuses_bad_requests_before_any_run(tmp_path):
 
 
 def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from dcfast import demo, trainer
 
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
     config = DemoConfig(output_dir=str(tmp_path / "d"), num_tasks=2, max_train_steps=1, num_train_images=2,
                         num_eval_images=2, num_images=2, num_inference_steps=2, fidelity_images=2,
-                        base_model=str(tiny_model_dir), progress=False)
+                        base_model=str(base), progress=False)
     tasks = demo.write_concepts(config)
     run_dir = str(tmp_path / "d" / "lora")
     first = demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
@@ -261,6 +267,15 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
                     demo.replace(config, fidelity_images=3), demo.replace(config, seed=1)):
         assert finished(changed) is None
     assert finished(config, method="ewc") is None  # another method's run
+    # the same path with other weights (a base model retrained in place) is another base model
+    unet_file = next((base / "unet").glob("*.safetensors"))
+    original = unet_file.read_bytes()
+    weights = load_file(unet_file)
+    first_key = sorted(weights)[0]
+    save_file({**weights, first_key: weights[first_key] + 1}, unet_file)
+    assert finished(config) is None
+    unet_file.write_bytes(original)
+    assert finished(config) == stored_summary
     # a field the run was written without counts at its default: equal to the run's value here ...
     run_json = Path(run_dir) / "run.json"
     stored = json.loads(run_json.read_text())

@@ -52,3 +52,28 @@ def test_tiny_tokenizer_keeps_every_word_whole():
     tokenizer = tiny_tokenizer()
     split = [word for word in TINY_WORDS if tokenizer.tokenize(word) != [word + "</w>"]]
     assert not split, f"split into several tokens: {split}"
+
+
+def test_model_fingerprint_follows_the_weights_not_the_path(model_dir, tmp_path, monkeypatch):
+    from dcfast import models
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    fingerprint = models.model_fingerprint(model_dir)
+    assert fingerprint.startswith("sha256:") and models.model_fingerprint(copy) == fingerprint
+    assert load_components(copy).fingerprint == fingerprint
+    (copy / "model_index.json").write_text("{}")  # outside the weights, tokenizer and scheduler: not counted
+    assert models.model_fingerprint(copy) == fingerprint
+    scheduler_file = copy / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(scheduler_file.read_text().replace('"num_train_timesteps": 1000', '"num_train_timesteps": 999'))
+    assert models.model_fingerprint(copy) != fingerprint
+    # a weight file above the whole-file size is read by its size, head and tail: a change at its end counts
+    shutil.rmtree(copy)
+    shutil.copytree(model_dir, copy)
+    monkeypatch.setattr(models, "FINGERPRINT_WHOLE", 64)
+    small_reads = models.model_fingerprint(copy)
+    weights = next((copy / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert models.model_fingerprint(copy) != small_reads

@@ -51,6 +51,26 @@ def test_resume_rejects_a_changed_config(make_config):
         train(config.override(method="ewc", resume_from_checkpoint="latest"))
 
 
+def test_resume_rejects_a_base_model_replaced_at_the_same_path(make_config, model_dir, tmp_path):
+    import shutil
+
+    from dcfast.models import tiny
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    config = make_config("lora", words=("dog", "mug"), max_train_steps=1, pretrained_model_name_or_path=str(base))
+    with pytest.raises(Killed):
+        train(config, step_callback=_kill_at(2, 1))
+    trained_on = read_json(f"{config.output_dir}/run.json")["base_model_fingerprint"]
+    assert trained_on.startswith("sha256:")
+    shutil.rmtree(base)
+    tiny(seed=1).save_pretrained(base)  # other weights, same path and layout
+    with pytest.raises(ValueError, match="other weights than the run .* was trained on .*original base model"):
+        train(config.override(resume_from_checkpoint="latest"))
+    assert finished_tasks(config.output_dir) == [1]  # nothing of the run was touched
+    assert read_json(f"{config.output_dir}/run.json")["base_model_fingerprint"] == trained_on
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_config):
     config = make_config("lora", words=("dog",), max_train_steps=6, checkpointing_steps=1,
                          learning_rate=1e30, token_learning_rate=1e30)
