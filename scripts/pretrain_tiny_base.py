@@ -79,7 +79,11 @@ Sampler changes did not help the 13000-step base (colour over all prompts): guid
 gave 0.82 / 0.84 / 0.86 / 0.88 / 0.89 (shape falls to 0.87 at 14); 50 DDIM steps 0.86 (20: 0.86);
 guidance rescale (Lin et al. 2024) 0.5 / 0.7 gave 0.86 / 0.85. Min-SNR loss weighting (`--snr_gamma 5`)
 did not either: continuing the shipped base 1500 steps at lr 3e-4 gave colour 0.841 with it and 0.841
-without (shape 0.922 / 0.912). Levers left untried: a wider text encoder (hidden 32 now), a VAE whose
+without (shape 0.922 / 0.912). The 13000-step base draws stars better (0.81 of samples against 0.53) but
+does not lift sequential LoRA's F[1, 1] on same-class-test: `dcfast bench world --seeds 3` with it gave
+0.562 / 0.688 / 0.750 (mean 0.667, against 0.656 on the shipped base); concept 1's shape read right in
+0.62-0.81 of its samples and its colour in 0.84-0.91. The green star's fidelity after its task is set by
+what the LoRA and token learn in 200 steps, not by the base's stars. Levers left untried: a wider text encoder (hidden 32 now), a VAE whose
 latents separate blue from teal more, more steps than the 60-minute budget allows.
 """
 from __future__ import annotations

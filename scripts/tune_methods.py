@@ -107,7 +107,8 @@ def run_variant(method: str, overrides: Dict[str, object], sequence: str, seed: 
             "final_fidelity": summary["final_fidelity"], "fidelity_forgetting": summary["fidelity_forgetting"],
             "bwt_fidelity": summary["bwt_fidelity"], "ammd": summary.get("ammd"),
             "final_accuracy": summary.get("final_accuracy"), "train_seconds": result["summary"]["train_seconds"],
-            "seconds": time.time() - started, "run_dir": result["run_dir"]}
+            "seconds": time.time() - started, "run_dir": result["run_dir"],
+            "base_model_fingerprint": json.loads((Path(result["run_dir"]) / "run.json").read_text())["base_model_fingerprint"]}
 
 
 def table(rows: List[Dict[str, object]]) -> str:
