@@ -297,6 +297,25 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     assert not (Path(run_dir) / "eval" / "metrics.json").exists() and finished(config) is None
 
 
+def test_world_runs_dsc_at_its_validated_cost_and_the_other_dc_methods_at_train_configs(tmp_path):
+    from dcfast import demo
+    from dcfast.config import TrainConfig
+
+    config = DemoConfig(output_dir=str(tmp_path / "d"), num_tasks=2, num_train_images=2, num_eval_images=2)
+    tasks = [{"images": str(tmp_path), "class_word": "star"}]
+
+    def cost(method, cfg=config):
+        settings = demo.train_config(cfg, method, tasks, str(tmp_path / method))
+        return settings.num_dc_concepts, settings.num_dc_timesteps
+
+    default = (TrainConfig().num_dc_concepts, TrainConfig().num_dc_timesteps)
+    assert default == (4, 4)
+    assert cost("dsc") == (3, 2)
+    assert cost("ewc-dc") == default and cost("dsc+ewc-dc") == default
+    assert cost("dsc", demo.replace(config, train_overrides={"num_dc_timesteps": 4})) == (3, 4)  # overrides win
+    assert cost("dsc", demo.replace(config, photos=True)) == default  # a world choice, not the photo demo's
+
+
 def test_method_config_fields_name_train_config_fields_and_subclasses_keep_their_parents():
     import dataclasses
 
