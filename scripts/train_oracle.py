@@ -1,6 +1,6 @@
 """Train the world's oracle (`dcfast.oracle`), shipped at `dcfast/assets/oracle.safetensors`:
 
-    python scripts/train_oracle.py [--steps 2500] [--output dcfast/assets/oracle.safetensors]
+    python scripts/train_oracle.py [--steps 3000] [--output dcfast/assets/oracle.safetensors]
 
 Every step draws a fresh batch of random scenes (`dcfast.world.random_scenes`), so the oracle never
 sees a render twice. Augmentations make it read generated samples, which are blurrier, noisier and
@@ -75,7 +75,7 @@ def accuracy(oracle: Oracle, images: torch.Tensor, labels: dict) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ORACLE_FILE), help="safetensors file to write (oracle.json beside it)")
-    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps (each on fresh renders)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (each on fresh renders)")
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
