@@ -101,6 +101,18 @@ def test_pretraining_data_holds_no_demo_photo(pretrain_script):
     assert not {c.class_word for c in DEMO_CONCEPTS} & set(world.caption_words())
 
 
+def test_pretraining_zero_snr_schedule_ends_in_pure_noise_and_predicts_v(pretrain_script):
+    """--zero_snr: the last training step is pure noise (no colour leaks through x_T) and the target is v."""
+    plain, zero = pretrain_script.noise_scheduler(), pretrain_script.noise_scheduler(zero_snr=True)
+    assert float(plain.alphas_cumprod[-1]) > 1e-3 and float(zero.alphas_cumprod[-1]) == 0.0
+    assert zero.config.prediction_type == "v_prediction" and zero.config.timestep_spacing == "trailing"
+    from dcfast.scores import prediction_type
+
+    assert prediction_type(zero) == "v_prediction"  # dcfast trains and scores such a model against v
+    with pytest.raises(SystemExit):
+        pretrain_script.main(["--zero_snr", "--snr_gamma", "5", "--quick"])
+
+
 def test_pretraining_captions_name_a_subset_of_the_scene(pretrain_script):
     from dcfast import world
 
