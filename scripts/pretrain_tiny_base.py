@@ -111,6 +111,13 @@ Levers measured on 2026-12-05 (session 5), none shipped:
   but shape **0.539** (stars 0.13, guidance 3: shape 0.57, colour 0.94). A likely reason, not tested: the
   v-loss weighs an x0 error by SNR + 1 where epsilon weighs it by SNR, so the noisiest steps (global colour)
   gain weight and the mid-noise steps that draw shape do not; in the same steps it learned colour, not shape. It meets the colour bar and misses the shape bar, so it is not shipped.
+- Zero terminal SNR as a fine-tune of the shipped base (`--zero_snr --init_from dcfast/assets/tiny-base
+  --unet_steps 3000 --lr 3e-4`, 690 s of U-Net steps, 875 s with scoring; the epsilon model converts to v
+  within ~1000 steps): shape **0.813**, colour **0.878** (blue 1.0, teal 1.0, red 0.58, orange 0.73), full
+  prompts shape 0.90, colour 0.69, background **1.0**. With another sampling seed: stars 0.81 (the shipped
+  base: 0.64), yellow circles and squares read as other shapes (0.0 and 0.25). Both bars still missed, by
+  0.04 and 0.02, and the two stages (3315 + 875 s) exceed the 60-minute budget. The lever left: one run that
+  pretrains with epsilon (its shapes) and ends at zero SNR (its colours and backgrounds) inside 60 minutes.
 """
 from __future__ import annotations
 
