@@ -37,7 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fidelity_images", type=int, default=32,
                    help="world runs: generated images per (concept, task state) the oracle judges")
     p.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps for generation")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's validation_guidance_scale, 5 on tiny-world "
+                        "runs of the demo, else 7.5)")
     p.add_argument("--max_eval_images", type=int, default=8, help="cap on real held-out images per concept (0: all)")
     p.add_argument("--stages", type=_stages, default=DEFAULT_STAGES_TEXT,
                    help="DC adaptive elimination schedule 'pairs:keep,...' (default '8:2,32:1'; exhaustive: '32:1')")
@@ -56,9 +58,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _evaluate_and_report(run_dir: str, args) -> dict:
     from dcfast.evaluation import EvalConfig, evaluate
     from dcfast.report import write_report
+    from dcfast.runs import sampling_guidance
 
+    guidance = sampling_guidance(run_dir) if args.guidance_scale is None else args.guidance_scale
     config = EvalConfig(num_images=args.num_images, num_inference_steps=args.num_inference_steps,
-                        guidance_scale=args.guidance_scale, max_eval_images=args.max_eval_images or None,
+                        guidance_scale=guidance, max_eval_images=args.max_eval_images or None,
                         stages=args.stages, seed=args.seed, device=args.device, progress=not args.quiet,
                         fidelity_images=args.fidelity_images)
     result = evaluate(run_dir, features=args.features, num_images=args.num_images, config=config)

@@ -202,7 +202,8 @@ class TrainConfig:
     validation_prompts: List[str] = field(default_factory=list)
     num_validation_images: int = 4  # images per validation prompt (diffusers' default)
     validation_inference_steps: int = 20  # DDIM steps of validation sampling (dcfast eval's default)
-    validation_guidance_scale: float = 7.5  # classifier-free guidance of validation sampling (dcfast eval's default)
+    # classifier-free guidance of validation sampling, and of `dcfast eval`'s samples unless --guidance_scale says else
+    validation_guidance_scale: float = 7.5
     eval_every_task: bool = False  # evaluate every task state right after it is written (task_{i}/eval.json)
     eval_num_images: int = 4  # generated images per concept for that evaluation's MMD (>= 2)
 

@@ -34,7 +34,9 @@ WORLD_TRAIN = {
     "learning_rate": 1e-3,  # the usual LoRA rate of short DreamBooth runs; stable here (rank 4, clipping at 1)
     "token_learning_rate": 1e-3,  # 5x below TrainConfig's: the token helps, the LoRA does the work
     "max_train_steps": 200,  # concept 1's colour learned at 200 steps; 400 steps changed no attribute's learning
-    "noise_offset": 0.1,  # the base model's pretraining noise (scripts/pretrain_tiny_base.py), kept for training
+    # The base model's sampling guidance (scripts/pretrain_tiny_base.py chose it on the world's attribute prompts,
+    # no personal concept): evaluation and `dcfast eval` sample world runs with it.
+    "validation_guidance_scale": 5.0,
     "checkpointing_steps": 10**9,  # no mid-task checkpoints: a task takes seconds, resuming would save nothing
 }
 
@@ -118,10 +120,13 @@ def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], r
 
 
 def evaluation_config(config: DemoConfig):
-    """The EvalConfig of every run of the demo."""
+    """The EvalConfig of every run of the demo: it samples with the regime's validation guidance."""
+    from dcfast.config import TrainConfig
     from dcfast.evaluation import EvalConfig
 
+    regime = {**(PHOTO_TRAIN if config.photos else WORLD_TRAIN), **config.train_overrides}
     return EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=regime.get("validation_guidance_scale", TrainConfig.validation_guidance_scale),
                       max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
                       fidelity_images=config.fidelity_images)
 

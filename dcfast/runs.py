@@ -116,6 +116,18 @@ def base_model(run_dir: PathLike) -> Dict[str, Optional[str]]:
             "variant": config.get("variant")}
 
 
+def sampling_guidance(run_dir: PathLike) -> float:
+    """The classifier-free guidance the run samples with: its config's validation_guidance_scale (TrainConfig's
+    default for a run written without it, or without a readable run.json: evaluation reports that itself)."""
+    from dcfast.config import TrainConfig
+
+    try:
+        config = read_json(Path(run_dir) / RUN_FILE)["config"]
+        return float(config.get("validation_guidance_scale", TrainConfig.validation_guidance_scale))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return TrainConfig.validation_guidance_scale
+
+
 def check_state_embeddings(run_dir: PathLike, task_index: int) -> Dict[int, Dict[str, torch.Tensor]]:
     """The modifier-token embeddings task state `task_index` needs: those of tasks 1..task_index, by task index.
 

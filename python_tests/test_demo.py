@@ -72,12 +72,13 @@ BASE_PROMPTS = [("red", "star"), ("blue", "ring"), ("yellow", "cross"), ("green"
 def test_shipped_base_model_draws_its_world():
     """The oracle reads the prompt's shape and colour on most CFG samples of the shipped base model.
 
-    8 samples per prompt (fixed noise, DDIM 20 steps, guidance 7.5); the bar is below the model card's
+    8 samples per prompt (fixed noise, DDIM 20 steps, the world's guidance 5); the bar is below the model card's
     (shape >= 85%, colour >= 90% over 8 samples of every colour x shape) to leave room for 48 samples' spread.
     """
     from diffusers import StableDiffusionPipeline
 
     from dcfast import world
+    from dcfast.demo import WORLD_TRAIN
     from dcfast.oracle import load_oracle, read_attributes
     from dcfast.sampling import generate
 
@@ -86,6 +87,7 @@ def test_shipped_base_model_draws_its_world():
     shape_hits, colour_hits = [], []
     for k, (colour, shape) in enumerate(BASE_PROMPTS):
         images = generate(pipe, f"a photo of a {colour} {shape}", 8, num_inference_steps=20,
+                          guidance_scale=WORLD_TRAIN["validation_guidance_scale"],
                           generator=torch.Generator().manual_seed(k))
         reading = read_attributes(oracle, images)
         shape_hits.append(float((reading["shape"] == world.SHAPES.index(shape)).double().mean()))
@@ -101,16 +103,40 @@ def test_pretraining_data_holds_no_demo_photo(pretrain_script):
     assert not {c.class_word for c in DEMO_CONCEPTS} & set(world.caption_words())
 
 
-def test_pretraining_zero_snr_schedule_ends_in_pure_noise_and_predicts_v(pretrain_script):
-    """--zero_snr: the last training step is pure noise (no colour leaks through x_T) and the target is v."""
+def test_pretraining_zero_snr_schedule_ends_in_pure_noise_and_predicts_v(pretrain_script, tmp_path):
+    """--zero_snr_steps: the last training step is pure noise (no colour leaks through x_T) and the target is v."""
     plain, zero = pretrain_script.noise_scheduler(), pretrain_script.noise_scheduler(zero_snr=True)
     assert float(plain.alphas_cumprod[-1]) > 1e-3 and float(zero.alphas_cumprod[-1]) == 0.0
     assert zero.config.prediction_type == "v_prediction" and zero.config.timestep_spacing == "trailing"
     from dcfast.scores import prediction_type
 
     assert prediction_type(zero) == "v_prediction"  # dcfast trains and scores such a model against v
-    with pytest.raises(SystemExit):
-        pretrain_script.main(["--zero_snr", "--snr_gamma", "5", "--quick"])
+    for refused in (["--zero_snr_steps", "10", "--snr_gamma", "5"], ["--unet_steps", "0", "--zero_snr_steps", "0"],
+                    ["--zero_snr_steps", "-1"], ["--init_from", str(BASE_MODEL), "--unet_steps", "10"]):
+        with pytest.raises(SystemExit):  # refused before any work (and never near the shipped base)
+            pretrain_script.main(refused + ["--quick", "--output", str(tmp_path / "never")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_pretraining_quick_run_ends_at_zero_snr_and_saves_a_model_dcfast_loads(pretrain_script, tmp_path):
+    """Both phases of a smoke run (epsilon, then zero SNR): the saved scheduler samples from pure noise with
+    v-prediction, and the directory loads as a pipeline that draws."""
+    from diffusers import StableDiffusionPipeline
+
+    from dcfast.sampling import check_prediction_type, generate
+
+    output = tmp_path / "base"
+    pretrain_script.main(["--quick", "--zero_snr_steps", "5", "--eval_samples", "0", "--output", str(output)])
+    scheduler = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] and scheduler["set_alpha_to_one"]
+    assert scheduler["timestep_spacing"] == "trailing"
+    card = (output / "README.md").read_text()
+    assert '"unet_steps": 40' in card and '"zero_snr_steps": 5' in card
+    assert not (tmp_path / "base.partial").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(output, local_files_only=True)
+    assert check_prediction_type(pipe, "base") == "v_prediction"
+    images = generate(pipe, "a photo of a red star", 2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
 def test_pretraining_captions_name_a_subset_of_the_scene(pretrain_script):
@@ -293,8 +319,8 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     stored = json.loads(run_json.read_text())
     run_json.write_text(json.dumps({**stored, "config": {k: v for k, v in stored["config"].items() if k != "adam_beta1"}}))
     assert finished(config) == stored_summary
-    # ... and different from it here (the world regime's noise_offset is 0.1, the default 0.0)
-    run_json.write_text(json.dumps({**stored, "config": {k: v for k, v in stored["config"].items() if k != "noise_offset"}}))
+    # ... and different from it here (the world regime's learning_rate is 1e-3, the default 1e-4)
+    run_json.write_text(json.dumps({**stored, "config": {k: v for k, v in stored["config"].items() if k != "learning_rate"}}))
     assert finished(config) is None
     run_json.write_text(json.dumps(stored))
 
@@ -326,6 +352,25 @@ def test_world_runs_dsc_at_its_validated_cost_and_the_other_dc_methods_at_train_
     assert cost("ewc-dc") == default and cost("dsc+ewc-dc") == default
     assert cost("dsc", demo.replace(config, train_overrides={"num_dc_timesteps": 4})) == (3, 4)  # overrides win
     assert cost("dsc", demo.replace(config, photos=True)) == default  # a world choice, not the photo demo's
+
+
+def test_world_runs_train_and_sample_as_the_zero_snr_base_model_does(tmp_path):
+    """No offset noise on a zero-terminal-SNR base (it replaces it), and samples at the base model's guidance, the
+    same in the demo's evaluation, a run's validation and `dcfast eval` (the run's validation_guidance_scale)."""
+    from dcfast import demo
+    from dcfast.config import TrainConfig
+
+    config = DemoConfig(output_dir=str(tmp_path / "d"))
+    tasks = [{"images": str(tmp_path), "class_word": "star"}]
+    settings = demo.train_config(config, "lora", tasks, str(tmp_path / "lora"))
+    assert settings.noise_offset == 0.0
+    scheduler = json.loads((BASE_MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] and scheduler["prediction_type"] == "v_prediction"
+    assert settings.validation_guidance_scale == demo.evaluation_config(config).guidance_scale == 5.0
+    photos = demo.replace(config, photos=True)
+    assert demo.evaluation_config(photos).guidance_scale == TrainConfig.validation_guidance_scale == 7.5
+    told = demo.replace(config, train_overrides={"validation_guidance_scale": 3.0})
+    assert demo.evaluation_config(told).guidance_scale == 3.0
 
 
 def test_method_config_fields_name_train_config_fields_and_subclasses_keep_their_parents():

@@ -76,3 +76,21 @@ def test_compare_needs_evaluated_runs(tmp_path):
 def test_cli_rejects_bad_stages():
     with pytest.raises(SystemExit):
         dcfast_main(["eval", "--run", "x", "--stages", "8-2"])
+
+
+def test_cli_eval_samples_with_the_runs_guidance_unless_told(tmp_path):
+    """`dcfast eval` samples with the run's validation_guidance_scale (a world run's is the base model's 5), or
+    with --guidance_scale; a run written without the field gets TrainConfig's default."""
+    from dcfast.config import TrainConfig
+    from dcfast.runs import sampling_guidance
+
+    run = toy_runs.make_run(str(tmp_path / "r"), model="tiny", method="lora", n_eval=2)
+    assert sampling_guidance(run) == TrainConfig.validation_guidance_scale
+    run_json = Path(run) / "run.json"
+    stored = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**stored, "config": {**stored["config"], "validation_guidance_scale": 3.0}}))
+    fast = ["--num_images", "2", "--num_inference_steps", "2", "--stages", "2:1", "--quiet"]
+    for extra, expected in (([], 3.0), (["--guidance_scale", "2"], 2.0)):
+        assert dcfast_main(["eval", "--run", run, *fast, *extra]) == 0
+        assert json.loads((Path(run) / "eval" / "metrics.json").read_text())["config"]["guidance_scale"] == expected
+    assert sampling_guidance(tmp_path / "no-run") == TrainConfig.validation_guidance_scale
