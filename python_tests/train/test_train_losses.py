@@ -102,8 +102,11 @@ def test_auto_temperature_is_the_spread_of_error_gaps(name):
         x0 = task.latents[:1]
         t, noise = fisher_pairs(models.noise_scheduler, x0, [0], 2, task.seed)
         with torch.no_grad():
-            hand = -formulas.log_probs(models, x0, formulas.encode(models, S), t, noise, expected)[:, 0]
-            torch.testing.assert_close(method.fisher_losses(task)([0]), hand, rtol=1e-5, atol=1e-6)
+            # with the tau the method measured (equal to `expected` to float32 rounding, checked above), and a
+            # float32 tolerance relative to the loss's scale: the two paths sum the errors in other orders
+            hand = -formulas.log_probs(models, x0, formulas.encode(models, S), t, noise, method.temperature)[:, 0]
+            torch.testing.assert_close(method.fisher_losses(task)([0]), hand, rtol=1e-4,
+                                       atol=1e-6 * max(1.0, hand.abs().item()))
     metrics = method.end_task(task)
     assert metrics["temperature"] == method.temperature  # into the task's metrics.json
 
