@@ -131,7 +131,7 @@ def test_pretraining_quick_run_ends_at_zero_snr_and_saves_a_model_dcfast_loads(p
     assert scheduler["rescale_betas_zero_snr"] and scheduler["set_alpha_to_one"]
     assert scheduler["timestep_spacing"] == "trailing"
     card = (output / "README.md").read_text()
-    assert '"unet_steps": 40' in card and '"zero_snr_steps": 5' in card
+    assert '"unet_steps": 40' in card and '"zero_snr_steps": 5' in card and "zero terminal SNR" in card
     assert not (tmp_path / "base.partial").exists()
     pipe = StableDiffusionPipeline.from_pretrained(output, local_files_only=True)
     assert check_prediction_type(pipe, "base") == "v_prediction"

@@ -415,6 +415,16 @@ def vae_oracle_accuracy(vae: AutoencoderKL, count: int, seed: int) -> dict:
             for name in world.ATTRIBUTES}
 
 
+def schedule_line(stats: dict) -> str:
+    """How the model was trained and should be sampled, from the run's stats."""
+    if not stats.get("zero_snr_steps"):
+        return ("Training: epsilon prediction on SD 1.x's noise schedule with offset noise 0.1; sample it with DDIM "
+                "(its saved scheduler).")
+    return (f"Training: {stats['unet_steps']} epsilon-prediction steps, then {stats['zero_snr_steps']} v-prediction "
+            "steps at zero terminal SNR (Lin et al. 2024); its saved scheduler is the zero-SNR one (rescaled betas, "
+            "v_prediction, trailing DDIM steps). Sample it with DDIM at the guidance its scores below used.")
+
+
 def model_card(stats: dict) -> str:
     lines = ["# dcfast tiny base model", "",
              "A tiny Stable-Diffusion-layout text-to-image model (32x32 RGB, VAE latents 16x16x4), pretrained from",
@@ -424,6 +434,7 @@ def model_card(stats: dict) -> str:
              "(shape and colour, scores below) and full captions (\"a photo of a teal ring with orange dots on a black",
              "background\") only partly; attributes a prompt leaves out are drawn at random. It has never seen the",
              "world's personal concepts with a modifier token, nor any photo (the photo demo's concepts).", "",
+             schedule_line(stats), "",
              "Oracle scores of CFG samples (fraction of samples with the prompt's attribute):", "",
              "```", json.dumps(stats.get("oracle"), indent=1), "```", "",
              "Run: " + json.dumps({k: v for k, v in stats.items() if k != "oracle"})]
