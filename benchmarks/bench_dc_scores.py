@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from dcfast.bench.common import environment, peak_memory
 from dcfast.bench.dc_scores import gradient_memory_case, make_problem
 from dcfast.bench.peer import dc_scores_peer
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.reference import dc_scores_naive
-from dcfast.scores import dc_logits, dc_scores
+from dcfast.models.tiny import tiny_scheduler, tiny_unet
+from dcfast.engine.reference import dc_scores_naive
+from dcfast.engine.scores import dc_logits, dc_scores
 
 B, K, T = 4, 8, 8
 ENGINES = {"naive": dc_scores_naive, "peer": dc_scores_peer, "dcfast": dc_scores}

@@ -11,7 +11,7 @@ import torch
 
 from dcfast.bench.common import environment, median_time, peak_memory
 from dcfast.bench.fisher import denoise_losses, lora_unet, providers, rel_err
-from dcfast.models import tiny_scheduler
+from dcfast.models.tiny import tiny_scheduler
 
 N = 16
 CASES = [(size, provider) for size in (16, 32) for provider in ("naive", "vmap", "dcfast")]

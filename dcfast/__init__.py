@@ -7,14 +7,14 @@ __version__ = "0.1.0"
 # (about 2 s), and `dcfast --help` needs none of it. Any attribute of the kernel family imports
 # `dcfast.ops` first, so the torch.ops.dcfast kernels (C++, CUDA, Triton) are registered by then.
 _LAZY = {
-    "train": ("dcfast.trainer", "train"),
-    "evaluate": ("dcfast.evaluation", "evaluate"),
+    "train": ("dcfast.training.trainer", "train"),
+    "evaluate": ("dcfast.eval.evaluation", "evaluate"),
     "backend_info": ("dcfast._backend", "backend_info"),
     "ops": ("dcfast.ops", None),
-    "FisherAccumulator": ("dcfast.fisher", "FisherAccumulator"),
-    "dc_logits": ("dcfast.scores", "dc_logits"),
-    "dc_loss_backward": ("dcfast.scores", "dc_loss_backward"),
-    "dc_scores": ("dcfast.scores", "dc_scores"),
+    "FisherAccumulator": ("dcfast.engine.fisher", "FisherAccumulator"),
+    "dc_logits": ("dcfast.engine.scores", "dc_logits"),
+    "dc_loss_backward": ("dcfast.engine.scores", "dc_loss_backward"),
+    "dc_scores": ("dcfast.engine.scores", "dc_scores"),
 }
 
 
@@ -24,7 +24,7 @@ def __getattr__(name: str):
         import importlib
 
         module, attribute = _LAZY[name]
-        if module not in ("dcfast.trainer", "dcfast.evaluation"):
+        if module not in ("dcfast.training.trainer", "dcfast.eval.evaluation"):
             importlib.import_module("dcfast.ops")
         loaded = importlib.import_module(module)
         value = loaded if attribute is None else getattr(loaded, attribute)

@@ -8,18 +8,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # python_tests/toy_runs.py: `import toy_runs`
 
 
-# dcfast.models imports diffusers: loaded by the fixtures that need it, so the op tests (python_tests/ops)
+# dcfast.models.loading imports diffusers: loaded by the fixtures that need it, so the op tests (python_tests/ops)
 # run where only torch (and triton) are installed, as in CI's CUDA-build venv and on a bare GPU machine.
 @pytest.fixture(scope="session")
 def unet():
-    from dcfast.models import tiny_unet
+    from dcfast.models.tiny import tiny_unet
 
     return tiny_unet(seed=0)
 
 
 @pytest.fixture(scope="session")
 def scheduler():
-    from dcfast.models import tiny_scheduler
+    from dcfast.models.tiny import tiny_scheduler
 
     return tiny_scheduler()
 
@@ -41,7 +41,9 @@ def _one_thread():
 
 @pytest.fixture
 def fake_runs(monkeypatch):
-    """`dcfast.runs` replaced by the toy-layout reader of toy_runs.py."""
+    """Evaluation loads each task state as the toy model of toy_runs.py (the run's files are read for real)."""
     import toy_runs
 
-    monkeypatch.setitem(sys.modules, "dcfast.runs", toy_runs.fake_runs_module())
+    from dcfast.eval import evaluation
+
+    monkeypatch.setattr(evaluation, "load_pipeline", toy_runs.load_toy_pipeline)

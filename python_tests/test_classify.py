@@ -1,11 +1,12 @@
-"""dcfast.classify: adaptive candidate elimination against exhaustive DC scoring."""
+"""dcfast.eval.classify: adaptive candidate elimination against exhaustive DC scoring."""
 
 import pytest
 import torch
 
-from dcfast.classify import check_stages, classify, classify_exhaustive
-from dcfast.models import tiny_scheduler
-from dcfast.scores import dc_scores, default_timesteps
+from dcfast.eval.classify import check_stages, classify, classify_exhaustive
+from dcfast.models.tiny import tiny_scheduler
+from dcfast.engine.scores import dc_scores
+from dcfast.engine.targets import default_timesteps
 
 import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 

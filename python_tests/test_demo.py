@@ -1,6 +1,6 @@
 """The built-in demo: shipped base model, photo concepts, `dcfast demo` end to end, `dcfast bench methods`.
 
-End-to-end runs use `dcfast.models.tiny()` (16x16 images) as the base model so they take seconds;
+End-to-end runs use `dcfast.models.tiny.tiny()` (16x16 images) as the base model so they take seconds;
 the shipped 32x32 base model has its own load and prompt-following checks.
 """
 import argparse
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcfast.demo import BASE_MODEL, DemoConfig
-from dcfast.demo_data import DEMO_CONCEPTS, write_demo_concepts
+from dcfast.experiments.runner import BASE_MODEL, DemoConfig
+from dcfast.experiments.photos import DEMO_CONCEPTS, write_demo_concepts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py"
 
@@ -29,7 +29,7 @@ def pretrain_script():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from dcfast.models import tiny
+    from dcfast.models.tiny import tiny
 
     path = tmp_path_factory.mktemp("tiny-model")
     tiny(seed=0).save_pretrained(path)
@@ -51,7 +51,7 @@ def test_shipped_base_model_is_small_safetensors_and_packaged():
 def test_shipped_base_model_loads_through_both_paths():
     from diffusers import StableDiffusionPipeline
 
-    from dcfast.models import load_components
+    from dcfast.models.loading import load_components
 
     components = load_components(BASE_MODEL)
     assert components.vae is not None and components.resolution == 32
@@ -77,10 +77,10 @@ def test_shipped_base_model_draws_its_world():
     """
     from diffusers import StableDiffusionPipeline
 
-    from dcfast import world
-    from dcfast.demo import WORLD_TRAIN
-    from dcfast.oracle import load_oracle, read_attributes
-    from dcfast.sampling import generate
+    from dcfast.world import scenes as world
+    from dcfast.experiments.regimes import WORLD_TRAIN
+    from dcfast.world.oracle import load_oracle, read_attributes
+    from dcfast.eval.sampling import generate
 
     pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, local_files_only=True)
     oracle = load_oracle()
@@ -98,7 +98,7 @@ def test_shipped_base_model_draws_its_world():
 def test_pretraining_data_holds_no_demo_photo(pretrain_script):
     sources = {c.source for c in DEMO_CONCEPTS}
     assert not sources & set(pretrain_script.VAE_EXTRA)
-    from dcfast import world
+    from dcfast.world import scenes as world
 
     assert not {c.class_word for c in DEMO_CONCEPTS} & set(world.caption_words())
 
@@ -108,7 +108,7 @@ def test_pretraining_zero_snr_schedule_ends_in_pure_noise_and_predicts_v(pretrai
     plain, zero = pretrain_script.noise_scheduler(), pretrain_script.noise_scheduler(zero_snr=True)
     assert float(plain.alphas_cumprod[-1]) > 1e-3 and float(zero.alphas_cumprod[-1]) == 0.0
     assert zero.config.prediction_type == "v_prediction" and zero.config.timestep_spacing == "trailing"
-    from dcfast.scores import prediction_type
+    from dcfast.engine.targets import prediction_type
 
     assert prediction_type(zero) == "v_prediction"  # dcfast trains and scores such a model against v
     for refused in (["--zero_snr_steps", "10", "--snr_gamma", "5"], ["--unet_steps", "0", "--zero_snr_steps", "0"],
@@ -123,7 +123,7 @@ def test_pretraining_quick_run_ends_at_zero_snr_and_saves_a_model_dcfast_loads(p
     v-prediction, and the directory loads as a pipeline that draws."""
     from diffusers import StableDiffusionPipeline
 
-    from dcfast.sampling import check_prediction_type, generate
+    from dcfast.eval.sampling import pipeline_prediction_type, generate
 
     output = tmp_path / "base"
     pretrain_script.main(["--quick", "--zero_snr_steps", "5", "--eval_samples", "0", "--output", str(output)])
@@ -134,13 +134,13 @@ def test_pretraining_quick_run_ends_at_zero_snr_and_saves_a_model_dcfast_loads(p
     assert '"unet_steps": 40' in card and '"zero_snr_steps": 5' in card and "zero terminal SNR" in card
     assert not (tmp_path / "base.partial").exists()
     pipe = StableDiffusionPipeline.from_pretrained(output, local_files_only=True)
-    assert check_prediction_type(pipe, "base") == "v_prediction"
+    assert pipeline_prediction_type(pipe, "base") == "v_prediction"
     images = generate(pipe, "a photo of a red star", 2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
 def test_pretraining_captions_name_a_subset_of_the_scene(pretrain_script):
-    from dcfast import world
+    from dcfast.world import scenes as world
 
     scenes = world.random_scenes(200, seed=1)
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def test_demo_concepts_are_seeded_png_crops_with_held_out_split(tmp_path):
 # --- dcfast demo and dcfast bench methods -----------------------------------------------------------
 
 def test_demo_command_end_to_end_writes_the_report(tiny_model_dir, tmp_path, capsys):
-    from dcfast import cli_demo
+    from dcfast.cli import demo as cli_demo
 
     parser = argparse.ArgumentParser()
     cli_demo.add_parser(parser.add_subparsers())
@@ -199,7 +199,7 @@ def test_demo_command_end_to_end_writes_the_report(tiny_model_dir, tmp_path, cap
 
 
 def test_demo_with_several_methods_writes_the_comparison(tiny_model_dir, tmp_path):
-    from dcfast.demo import run_demo
+    from dcfast.experiments.runner import run_demo
 
     config = DemoConfig(output_dir=str(tmp_path / "demo"), methods=["lora", "ewc"], num_tasks=2, max_train_steps=1,
                         num_train_images=2, num_eval_images=2, num_images=2, num_inference_steps=2,
@@ -216,7 +216,7 @@ def test_demo_with_several_methods_writes_the_comparison(tiny_model_dir, tmp_pat
 
 
 def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path):
-    from dcfast.bench import methods
+    from dcfast.experiments import bench_methods as methods
 
     config = DemoConfig(num_tasks=2, max_train_steps=1, num_train_images=2, num_eval_images=2, num_images=2,
                         num_inference_steps=2, base_model=str(tiny_model_dir), progress=False)
@@ -248,7 +248,7 @@ def _row(method, seed, forgetting, final):
 
 
 def test_bench_methods_paired_verdicts_need_every_seed_and_the_spread():
-    from dcfast.bench.methods import paired
+    from dcfast.experiments.bench_methods import paired
 
     rows = [_row("lora", 0, 0.8, 0.2), _row("lora", 1, 0.6, 0.3), _row("lora", 2, 0.7, 0.1),
             _row("a", 0, 0.3, 0.2), _row("a", 1, 0.2, 0.3), _row("a", 2, 0.4, 0.1),  # forgets 0.4 less every seed
@@ -266,7 +266,7 @@ def test_bench_methods_paired_verdicts_need_every_seed_and_the_spread():
 
 
 def test_bench_methods_refuses_bad_requests_before_any_run(tmp_path):
-    from dcfast.bench import methods
+    from dcfast.experiments import bench_methods as methods
 
     with pytest.raises(ValueError, match="unknown \\['four-cats'\\]; known: same-class-test"):
         methods.run(seeds=1, sequences=["four-cats"], output_dir=str(tmp_path / "b"))
@@ -282,7 +282,9 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
 
     from safetensors.torch import load_file, save_file
 
-    from dcfast import demo, trainer
+    from dcfast.experiments import runner as demo
+
+    from dcfast.training import trainer
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -336,17 +338,17 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
 
 
 def test_world_runs_dsc_at_its_validated_cost_and_the_other_dc_methods_at_train_configs(tmp_path):
-    from dcfast import demo
-    from dcfast.config import TrainConfig
+    from dcfast.experiments import runner as demo
+    from dcfast.training.config import TrainConfig
 
     config = DemoConfig(output_dir=str(tmp_path / "d"), num_tasks=2, num_train_images=2, num_eval_images=2)
     tasks = [{"images": str(tmp_path), "class_word": "star"}]
 
     def cost(method, cfg=config):
-        settings = demo.train_config(cfg, method, tasks, str(tmp_path / method))
+        settings = demo.train_config(cfg, method, tasks, str(tmp_path / method)).method_settings
         return settings.num_dc_concepts, settings.num_dc_timesteps
 
-    default = (TrainConfig().num_dc_concepts, TrainConfig().num_dc_timesteps)
+    default = (TrainConfig().method_settings.num_dc_concepts, TrainConfig().method_settings.num_dc_timesteps)
     assert default == (4, 4)
     assert cost("dsc") == (3, 2)
     assert cost("ewc-dc") == default and cost("dsc+ewc-dc") == default
@@ -357,8 +359,8 @@ def test_world_runs_dsc_at_its_validated_cost_and_the_other_dc_methods_at_train_
 def test_world_runs_train_and_sample_as_the_zero_snr_base_model_does(tmp_path):
     """No offset noise on a zero-terminal-SNR base (it replaces it), and samples at the base model's guidance, the
     same in the demo's evaluation, a run's validation and `dcfast eval` (the run's validation_guidance_scale)."""
-    from dcfast import demo
-    from dcfast.config import TrainConfig
+    from dcfast.experiments import runner as demo
+    from dcfast.training.config import TrainConfig
 
     config = DemoConfig(output_dir=str(tmp_path / "d"))
     tasks = [{"images": str(tmp_path), "class_word": "star"}]
@@ -373,16 +375,20 @@ def test_world_runs_train_and_sample_as_the_zero_snr_base_model_does(tmp_path):
     assert demo.evaluation_config(told).guidance_scale == 3.0
 
 
-def test_method_config_fields_name_train_config_fields_and_subclasses_keep_their_parents():
+def test_each_method_reads_its_own_settings_and_subclasses_keep_their_parents():
     import dataclasses
 
-    from dcfast.config import TrainConfig
-    from dcfast.methods import METHODS
+    from dcfast.training.config import TrainConfig
+    from dcfast.training.methods import METHODS
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
     for method, cls in METHODS.items():
-        assert set(cls.config_fields) <= names, (method, set(cls.config_fields) - names)
+        names = {f.name for f in dataclasses.fields(cls.Settings)}
+        assert not names & shared, (method, names & shared)  # a setting is never also a shared field
         for parent in cls.__mro__[1:]:
-            assert set(getattr(parent, "config_fields", ())) <= set(cls.config_fields), (method, parent)
-    assert set(METHODS["dsc"].config_fields) <= set(METHODS["dsc+ewc-dc"].config_fields)
-    assert METHODS["lora"].config_fields == ()
+            if hasattr(parent, "Settings"):
+                assert issubclass(cls.Settings, parent.Settings), (method, parent)
+    assert issubclass(METHODS["dsc+ewc-dc"].Settings, METHODS["ewc-dc"].Settings)
+    assert {f.name for f in dataclasses.fields(METHODS["dsc"].Settings)} <= {
+        f.name for f in dataclasses.fields(METHODS["dsc+ewc-dc"].Settings)}
+    assert dataclasses.fields(METHODS["lora"].Settings) == ()

@@ -1,12 +1,13 @@
 """dcfast.evaluate on fake run directories: accuracy beats chance, forgetting shows in BwT, clear errors."""
 import math
 import os
-import sys
 
 import pytest
 
-from dcfast import runs as real_runs
-from dcfast.evaluation import EvalConfig, candidate_prompts, evaluate, evaluate_task, load_image_folder
+from dcfast.eval import evaluation
+from dcfast.io import runs as real_runs
+from dcfast.io.runs import Run
+from dcfast.eval.evaluation import EvalConfig, candidate_prompts, evaluate, evaluate_task, load_image_folder
 
 import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 
@@ -49,7 +50,7 @@ def test_evaluate_task_one_column(tmp_path):
     assert len(column.accuracy) == len(column.mmd) == 2 and column.i2i is None
     assert set(column.samples) == {1, 2}
     assert "samples" not in column.to_dict()
-    tasks = sys.modules["dcfast.runs"].read_run(run)
+    tasks = Run(run).tasks()
     assert candidate_prompts(tasks, 2) == ["a photo of <v1> dog", "a photo of <v2> dog", "a photo of a dog"]
 
 
@@ -115,12 +116,12 @@ def test_unfinished_tasks(tmp_path):
 
 
 def test_real_trained_run(tmp_path, monkeypatch):
-    """A 2-task run of the real trainer (2 steps per task), read back through the real dcfast.runs."""
+    """A 2-task run of the real trainer (2 steps per task), its states loaded by the real load_pipeline."""
     import dcfast
-    from dcfast.config import TrainConfig
-    from dcfast.models import tiny
+    from dcfast.training.config import TrainConfig
+    from dcfast.models.tiny import tiny
 
-    monkeypatch.setitem(sys.modules, "dcfast.runs", real_runs)
+    monkeypatch.setattr(evaluation, "load_pipeline", real_runs.load_pipeline)
     tiny(seed=0).save_pretrained(tmp_path / "model")
     tasks = []
     for j, colour in enumerate((toy_runs.RED, toy_runs.BLUE), 1):
@@ -136,7 +137,7 @@ def test_real_trained_run(tmp_path, monkeypatch):
         num_images=2, num_inference_steps=2, stages=((2, 1),), max_eval_images=2, progress=False))
     assert result.method == "lora" and result.summary["train_seconds"] > 0
     assert not result.accuracy[0].isnan().any() and not result.mmd[0].isnan().any()
-    assert [t["class_prompt"] for t in result.tasks] == ["a photo of a dog"] * 2
+    assert [t["pretrained_concept_prompt"] for t in result.tasks] == ["a photo of a dog"] * 2
     lora = tmp_path / "run" / "task_2" / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"\x00" * 7)
     with pytest.raises(ValueError, match="corrupt run file .*task_2/pytorch_lora_weights.safetensors"):

@@ -1,10 +1,10 @@
-"""dcfast.features: the deterministic default extractor and CLIP loading from local directories."""
+"""dcfast.eval.features: the deterministic default extractor and CLIP loading from local directories."""
 import json
 
 import pytest
 import torch
 
-from dcfast.features import ClipFeatures, RandomConvFeatures, cosine_i2i, load_features
+from dcfast.eval.features import ClipFeatures, RandomConvFeatures, cosine_i2i, load_features
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
               patch_size=8, projection_dim=16)

@@ -1,4 +1,4 @@
-"""FisherAccumulator against the loops it replaces: `dcfast.reference.fisher_naive` (one backward per
+"""FisherAccumulator against the loops it replaces: `dcfast.engine.reference.fisher_naive` (one backward per
 sample) and `fisher_vmap` (torch.func vmap(grad)), on a tiny U-Net with a peft LoRA adapter and on a
 small MLP with biases; plus online-EWC state, persistence, hook hygiene and the errors users get.
 
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch import nn
 
-from dcfast.fisher import FisherAccumulator
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.reference import fisher_naive, fisher_vmap
+from dcfast.engine.fisher import FisherAccumulator
+from dcfast.models.tiny import tiny_scheduler, tiny_unet
+from dcfast.engine.reference import fisher_naive, fisher_vmap
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over CPU SDPA
 SIZE, TOKENS = 8, 5  # latent side, text tokens
@@ -241,7 +241,7 @@ def test_dc_loss_chunked_forward(unet, dc, chunk):
 
 
 def test_dc_loss_two_pass_recompute(unet, dc):
-    """DESIGN 2.2: errors without grad -> dL/d err; then per chunk of 4 rows (splitting images),
+    """docs/design.md: the memory-bounded DC gradient: errors without grad -> dL/d err; then per chunk of 4 rows (splitting images),
     recompute with grad and backpropagate that chunk's rows. Needs evals_per_sample = K*T."""
     losses, samples, want, _ = dc
     captured = {}

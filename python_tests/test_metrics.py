@@ -1,10 +1,10 @@
-"""dcfast.metrics: unbiased KID-kernel MMD^2 against a float64 loop; AMMD, BwT, accuracy, forgetting."""
+"""dcfast.eval.metrics: unbiased KID-kernel MMD^2 against a float64 loop; AMMD, BwT, accuracy, forgetting."""
 import math
 
 import pytest
 import torch
 
-from dcfast import metrics
+from dcfast.eval import metrics
 
 nan = math.nan
 

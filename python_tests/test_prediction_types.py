@@ -5,10 +5,10 @@ import torch
 from diffusers import DDPMScheduler
 
 import dcfast
-from dcfast.classify import classify_exhaustive
-from dcfast.objectives import denoise_loss, per_sample_denoise_losses
-from dcfast.reference import dc_scores_naive
-from dcfast.scores import default_timesteps
+from dcfast.eval.classify import classify_exhaustive
+from dcfast.training.objectives import denoise_loss, per_sample_denoise_losses
+from dcfast.engine.reference import dc_scores_naive
+from dcfast.engine.targets import default_timesteps
 
 B, K, T, C, S = 2, 3, 2, 4, 16
 
@@ -105,12 +105,12 @@ def test_classification_scores_against_v(unet, v_scheduler):
 def test_sample_prediction_is_refused(unet, scheduler):
     from types import SimpleNamespace
 
-    from dcfast.sampling import check_prediction_type
+    from dcfast.eval.sampling import pipeline_prediction_type
 
     sample = DDPMScheduler.from_config(scheduler.config, prediction_type="sample")
     x0, cond, timesteps, noise = _problem()
     with pytest.raises(ValueError, match=r"prediction_type 'sample' is not supported; .* epsilon and v_prediction"):
         dcfast.dc_scores(unet, sample, x0, cond, timesteps=timesteps, noise=noise)
     with pytest.raises(ValueError, match=r"run/x task 2: scheduler prediction_type 'sample' is not supported"):
-        check_prediction_type(SimpleNamespace(scheduler=sample), "run/x task 2")
-    assert check_prediction_type(SimpleNamespace(scheduler=scheduler), "x") == "epsilon"
+        pipeline_prediction_type(SimpleNamespace(scheduler=sample), "run/x task 2")
+    assert pipeline_prediction_type(SimpleNamespace(scheduler=scheduler), "x") == "epsilon"

@@ -1,4 +1,4 @@
-"""dcfast.report and `dcfast eval`: every output file exists and parses; comparisons across runs."""
+"""dcfast.eval.report and `dcfast eval`: every output file exists and parses; comparisons across runs."""
 import json
 import os
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dcfast.cli import main as dcfast_main
-from dcfast.evaluation import EvalConfig, evaluate
-from dcfast.report import compare, load_metrics, write_report
+from dcfast.cli.main import main as dcfast_main
+from dcfast.eval.evaluation import EvalConfig, evaluate
+from dcfast.eval.report import compare, load_metrics, write_report
 
 import toy_runs  # python_tests/toy_runs.py, on sys.path through conftest.py
 
@@ -81,11 +81,11 @@ def test_cli_rejects_bad_stages():
 def test_cli_eval_samples_with_the_runs_guidance_unless_told(tmp_path):
     """`dcfast eval` samples with the run's validation_guidance_scale (a world run's is the base model's 5), or
     with --guidance_scale; a run written without the field gets TrainConfig's default."""
-    from dcfast.config import TrainConfig
-    from dcfast.runs import sampling_guidance
+    from dcfast.training.config import TrainConfig
+    from dcfast.io.runs import Run
 
     run = toy_runs.make_run(str(tmp_path / "r"), model="tiny", method="lora", n_eval=2)
-    assert sampling_guidance(run) == TrainConfig.validation_guidance_scale
+    assert Run(run).sampling_guidance() == TrainConfig.validation_guidance_scale
     run_json = Path(run) / "run.json"
     stored = json.loads(run_json.read_text())
     run_json.write_text(json.dumps({**stored, "config": {**stored["config"], "validation_guidance_scale": 3.0}}))
@@ -93,4 +93,4 @@ def test_cli_eval_samples_with_the_runs_guidance_unless_told(tmp_path):
     for extra, expected in (([], 3.0), (["--guidance_scale", "2"], 2.0)):
         assert dcfast_main(["eval", "--run", run, *fast, *extra]) == 0
         assert json.loads((Path(run) / "eval" / "metrics.json").read_text())["config"]["guidance_scale"] == expected
-    assert sampling_guidance(tmp_path / "no-run") == TrainConfig.validation_guidance_scale
+    assert Run(tmp_path / "no-run").sampling_guidance() == TrainConfig.validation_guidance_scale

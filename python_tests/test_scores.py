@@ -1,4 +1,4 @@
-"""The DC score engine against the naive loop it replaces (dcfast.reference.dc_scores_naive)."""
+"""The DC score engine against the naive loop it replaces (dcfast.engine.reference.dc_scores_naive)."""
 import copy
 import re
 from types import SimpleNamespace
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 import dcfast
-from dcfast.reference import dc_scores_naive
-from dcfast.scores import default_timesteps
+from dcfast.engine.reference import dc_scores_naive
+from dcfast.engine.targets import default_timesteps
 
 B, K, T, C, S = 2, 3, 2, 4, 16
 

@@ -1,4 +1,4 @@
-"""The DC pass's shared work (dcfast.unet_pass) and chunk plan / tuner (dcfast.scores), against the naive loop.
+"""The DC pass's shared work (dcfast.engine.unet_pass) and chunk plan / tuner (dcfast.engine.scores), against the naive loop.
 
 Every share - prefix, kv, temb, and all of them together - must give the naive loop's errors and
 gradients (to 1e-5 of their scale), on the plain and the peft-LoRA U-Net, chunked or not, under
@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 import dcfast
-from dcfast import scores, unet_pass
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.reference import dc_scores_naive
+from dcfast.engine import chunks, scores
+from dcfast.engine import unet_pass
+from dcfast.models.tiny import tiny_scheduler
+from dcfast.engine.reference import dc_scores_naive
 
 B, K, T, C = 2, 3, 2, 4
 SHARE_SETS = {"plain": (), "prefix": ("prefix",), "kv": ("kv",), "temb": ("temb",), "default": None,
@@ -258,7 +259,7 @@ def test_plan_covers_every_row_once_image_major(budgets):
         return asked[-1]
 
     rows = []
-    for chunk in scores.plan_chunks(Bp, Kp, Tp, budget):
+    for chunk in chunks.plan_chunks(Bp, Kp, Tp, budget):
         assert 0 < chunk.rows <= asked[-1]
         rows += [(b, k, j) for b in range(chunk.b0, chunk.b1) for k in range(chunk.k0, chunk.k1)
                  for j in range(chunk.j0, chunk.j1)]
@@ -276,19 +277,18 @@ def test_tuner_ascends_and_keeps_the_fastest(monkeypatch, per_row, timed, best):
     clock = [0.0]
     runs = []
 
-    def fake_predictions(unet, inputs, cond, chunk, shares):
+    def fake_predictions(chunk):
         budget = chunk.rows  # K=4, T=16: each budget cuts chunks of exactly that many rows
         clock[0] += per_row[budget] * chunk.rows * (10 if budget not in runs else 1)
         runs.append(budget)
 
-    monkeypatch.setattr(scores, "_chunk_predictions", fake_predictions)
-    monkeypatch.setattr(scores.time, "perf_counter", lambda: clock[0])
-    tuner = scores.ChunkTuner()
+    monkeypatch.setattr(chunks.time, "perf_counter", lambda: clock[0])
+    tuner = chunks.ChunkTuner()
     state = tuner.state("key", 4, 16, 256)
     assert state.candidates == (16, 32, 64, 128) and state.best is None
     inputs = SimpleNamespace(shape=(4, 16))
-    assert scores._tune(None, inputs, torch.zeros(4, 1, 1), frozenset(), state) == best
-    assert sorted(set(runs)) == timed and all(runs.count(c) >= scores.TUNE_ROUNDS for c in timed)
+    assert chunks.tune(inputs, 4, state, fake_predictions) == best
+    assert sorted(set(runs)) == timed and all(runs.count(c) >= chunks.TUNE_ROUNDS for c in timed)
     assert tuner.choices() == {"key": best} and tuner.state("key", 4, 16, 256) is state
     assert tuner.state("small", 8, 8, 16) is None  # one chunk holds the pass: nothing to tune
     tuner.clear()
@@ -296,25 +296,25 @@ def test_tuner_ascends_and_keeps_the_fastest(monkeypatch, per_row, timed, best):
 
 
 def test_engine_tunes_once_per_key_before_its_work_and_max_batch_overrides(unet, scheduler):
-    scores.chunk_tuner.clear()
+    chunks.chunk_tuner.clear()
     x0, cond, timesteps, noise = _problem(seed=10, size=(8, 8))
     x0, noise, timesteps = x0.repeat(8, 1, 1, 1), noise.repeat(8, 1, 1, 1, 1), timesteps.repeat(8, 1)
     with torch.no_grad():  # 16 images: 96 rows, candidates 16, 32, 64 and 96 (12, 30, 60 and 96 rows cut)
         want = dc_scores_naive(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
         first = dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
-        (key, best), = scores.chunk_tuner.choices().items()
+        (key, best), = chunks.chunk_tuner.choices().items()
         assert best in (16, 32, 64, 96)
         again = dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
         dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=7)
     assert _close(first, want)
     assert torch.equal(first, again)  # tuned before the first call's work: one chunk size for every call
-    assert scores.chunk_tuner.choices() == {key: best}  # an explicit max_batch neither tunes nor changes it
-    scores.chunk_tuner.clear()
+    assert chunks.chunk_tuner.choices() == {key: best}  # an explicit max_batch neither tunes nor changes it
+    chunks.chunk_tuner.clear()
 
 
 def test_no_tuning_runs_under_module_hooks(unet, scheduler):
     """A hook (a Fisher track, say) would see the timing runs: the engine takes CPU_FALLBACK rows instead."""
-    scores.chunk_tuner.clear()
+    chunks.chunk_tuner.clear()
     x0, cond, timesteps, noise = _problem(seed=11, size=(8, 8))
     x0, noise, timesteps = x0.repeat(8, 1, 1, 1), noise.repeat(8, 1, 1, 1, 1), timesteps.repeat(8, 1)
     calls = []
@@ -324,6 +324,6 @@ def test_no_tuning_runs_under_module_hooks(unet, scheduler):
             dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise)
     finally:
         handle.remove()
-    assert sum(calls) == 16 * K * T and max(calls) <= scores.CPU_FALLBACK  # the real rows only
-    assert set(scores.chunk_tuner.choices().values()) == {None}
-    scores.chunk_tuner.clear()
+    assert sum(calls) == 16 * K * T and max(calls) <= chunks.CPU_FALLBACK  # the real rows only
+    assert set(chunks.chunk_tuner.choices().values()) == {None}
+    chunks.chunk_tuner.clear()

@@ -1,4 +1,4 @@
-"""The tiny world (dcfast.world), its oracle (dcfast.oracle), fidelity in evaluation, and a tiny world run."""
+"""The tiny world (dcfast.world.scenes), its oracle (dcfast.world.oracle), fidelity in evaluation, and a tiny world run."""
 import json
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcfast import world
-from dcfast.oracle import fidelity, load_oracle, read_attributes
+from dcfast.world import scenes as world
+from dcfast.world.oracle import fidelity, load_oracle, read_attributes
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_missing_or_corrupt_oracle_names_the_file_and_the_script(tmp_path):
 
 
 def test_missing_base_model_names_the_script(tmp_path):
-    from dcfast.demo import check_base_model
+    from dcfast.experiments.runner import check_base_model
 
     with pytest.raises(ValueError, match=r"pretrain_tiny_base\.py"):
         check_base_model(str(tmp_path))
@@ -159,7 +159,7 @@ def test_missing_base_model_names_the_script(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from dcfast.models import tiny
+    from dcfast.models.tiny import tiny
 
     path = tmp_path_factory.mktemp("tiny-model")
     tiny(seed=0).save_pretrained(path)
@@ -167,7 +167,7 @@ def tiny_model(tmp_path_factory):
 
 
 def tiny_config(model, output_dir, **changes):
-    from dcfast.demo import DemoConfig
+    from dcfast.experiments.runner import DemoConfig
 
     values = dict(output_dir=str(output_dir), methods=["lora"], sequence="same-class-val", num_tasks=2,
                   max_train_steps=2, num_train_images=2, num_eval_images=2, num_images=2, num_inference_steps=2,
@@ -177,7 +177,7 @@ def tiny_config(model, output_dir, **changes):
 
 def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
     """Two world tasks on the in-code tiny model: fidelity matrices, their summaries, heatmap and table."""
-    from dcfast.demo import run_demo
+    from dcfast.experiments.runner import run_demo
 
     config = tiny_config(tiny_model, tmp_path / "demo")
     result = run_demo(config, log=lambda line: None)
@@ -198,7 +198,7 @@ def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
 
 
 def test_bench_world_reports_concept_one_from_the_fidelity_matrix(tmp_path, tiny_model):
-    from dcfast.bench import world as bench_world
+    from dcfast.experiments import bench_world
 
     result = bench_world.run(seeds=2, output_dir=str(tmp_path / "bench"), config=tiny_config(tiny_model, tmp_path))
     rows = result["rows"]

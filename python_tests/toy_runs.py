@@ -4,12 +4,12 @@
   sqrt(1 - abar), where mu(c) is a colour read out linearly from the condition. Its readout is "trained"
   in closed form (least squares) so that each concept's prompt maps to that concept's colour. DC errors
   are then lowest under the right prompt by a clear margin, and DDIM samples are that colour.
-- `make_run`: a finished run in `dcfast.runs`' layout (run.json with config and tasks; task_{j}/ with
+- `make_run`: a finished run in `dcfast.io.runs`' layout (run.json with config and tasks; task_{j}/ with
   pytorch_lora_weights.safetensors and metrics.json; concept folders with held-out images), plus a
   "toy" entry in run.json saying which model to build. `forget > 0` makes later states drift earlier
   concepts to grey.
-- `fake_runs_module`: the real `dcfast.runs.read_run`, and a `load_pipeline` that runs the real file
-  checks (metrics.json present, LoRA file readable) and then builds the toy model of that state.
+- `load_toy_pipeline`: what evaluation's `load_pipeline` becomes in these tests: the real file checks
+  (metrics.json present, LoRA file readable), then the toy model of that state.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dcfast.models import tiny_scheduler
+from dcfast.models.tiny import tiny_scheduler
 
 RED, BLUE, GREEN, GREY = (0.85, 0.15, 0.15), (0.15, 0.2, 0.85), (0.15, 0.8, 0.2), (0.5, 0.5, 0.5)
 
@@ -133,10 +133,10 @@ def make_run(root: str, colours=(RED, BLUE), model: str = "toy", forget: float =
     return root
 
 
-def _load_pipeline(run_dir: str, task_index: int, device: str = "cpu"):
-    from dcfast import runs
+def load_toy_pipeline(run_dir: str, task_index: int, device: str = "cpu"):
+    from dcfast.io import runs
 
-    tasks = runs.read_run(run_dir)
+    tasks = runs.Run(run_dir).tasks()
     spec = runs.read_json(os.path.join(run_dir, runs.RUN_FILE))["toy"]
     folder = runs.task_dir(run_dir, task_index)
     if not (folder / runs.METRICS_FILE).is_file():
@@ -147,10 +147,10 @@ def _load_pipeline(run_dir: str, task_index: int, device: str = "cpu"):
     scheduler = DDPMScheduler.from_config(tiny_scheduler().config, steps_offset=1)
     if spec["model"] == "toy":
         unet, vae = ToyDenoiser(), None
-        from dcfast.sampling import encode_prompts
+        from dcfast.eval.sampling import pipeline_conditions
         pipe_stub = types.SimpleNamespace(tokenizer=tok, text_encoder=encoder, unet=unet)
         seen = tasks[:task_index]
-        cond = encode_prompts(pipe_stub, [t.prompt for t in seen] + ["a photo of a dog", ""])
+        cond = pipeline_conditions(pipe_stub, [t.prompt for t in seen] + ["a photo of a dog", ""])
         # state j knows concept i's colour drifted toward grey by forget * (j - i)
         drift = torch.tensor([min(1.0, spec["forget"] * (task_index - t.index)) for t in seen])[:, None]
         colours = (1 - drift) * torch.tensor([spec["colours"][t.index - 1] for t in seen]) + drift * torch.tensor(GREY)
@@ -160,13 +160,3 @@ def _load_pipeline(run_dir: str, task_index: int, device: str = "cpu"):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return pipe.to(device)
-
-
-def fake_runs_module() -> types.ModuleType:
-    """`dcfast.runs` with `load_pipeline` building the toy model of `make_run`'s runs."""
-    from dcfast import runs
-
-    module = types.ModuleType("dcfast.runs")
-    module.__dict__.update({k: v for k, v in vars(runs).items() if not k.startswith("__")})
-    module.load_pipeline = _load_pipeline
-    return module

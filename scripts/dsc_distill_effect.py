@@ -2,7 +2,7 @@
 distillation (T1, kept in the teacher pool) and after it (the saved task state), same samples and oracle.
 
 A diagnostic of a finished DSC run (no choice is made from it): for states j = 2..N, every concept i < j
-is sampled with the evaluation's settings and seed (dcfast.evaluation), once under the pre-distillation
+is sampled with the evaluation's settings and seed (dcfast.eval.evaluation), once under the pre-distillation
 LoRA_j and once under the saved (post-distillation) state, and the oracle reads shape and colour.
 
     python scripts/dsc_distill_effect.py RUN_DIR [--json OUT]
@@ -16,12 +16,12 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from dcfast.adapters import lora_parameters
-from dcfast.evaluation import EvalConfig, world_concepts
-from dcfast.oracle import fidelity, load_oracle, read_attributes
-from dcfast.runs import load_pipeline, read_run, task_dir
-from dcfast.sampling import generate
-from dcfast.world import COLOUR_NAMES
+from dcfast.training.adapters import lora_parameters
+from dcfast.eval.evaluation import EvalConfig, world_concepts
+from dcfast.world.oracle import fidelity, load_oracle, read_attributes
+from dcfast.io.runs import Run, load_pipeline, task_dir
+from dcfast.eval.sampling import generate
+from dcfast.world.scenes import COLOUR_NAMES
 
 
 def pool_lora(run_dir: str, task_index: int, unet) -> dict:
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = EvalConfig()
-    tasks = read_run(args.run_dir)
+    tasks = Run(args.run_dir).tasks()
     concepts = world_concepts(tasks)
     oracle = load_oracle()
     rows = []

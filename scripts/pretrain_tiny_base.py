@@ -10,7 +10,7 @@ encoder on a base model's VAE)
 
 A stand-in for Stable Diffusion 1.x with the same diffusers layout (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json; safetensors), trained from scratch on a CPU on the tiny
-world (`dcfast.world`): 32x32 scenes of 6 shapes x 8 colours x 3 fill patterns (with a second
+world (`dcfast.world.scenes`): 32x32 scenes of 6 shapes x 8 colours x 3 fill patterns (with a second
 colour) x 3 backgrounds, with position, scale and rotation jitter. It draws "a photo of a red star"
 and "a photo of a teal ring with orange dots on a black background"; "a photo of a star" gives a
 star of any look (c_0, the pretrained concept of the world's personal concepts).
@@ -27,9 +27,9 @@ Choices, each measured on this 2-core CPU:
   reconstructions: colour 0.81, pattern 0.84); decoding the latent mean, an added L1 term and
   1500 steps of batch 16 with fewer photo crops is this script's answer.
 - U-Net: SD's block types at toy width, (32, 64, 96) channels, no attention at the full-resolution
-  level (16x16 self-attention costs more than the rest of the network on a CPU, DESIGN 4); (48, 96,
+  level (16x16 self-attention costs more than the rest of the network on a CPU, docs/design.md); (48, 96,
   128) was 1.7x slower per step, too slow for the time budget.
-- Text encoder: the tiny 2-layer CLIP (hidden 32) of `dcfast.models`, trained jointly with the U-Net
+- Text encoder: the tiny 2-layer CLIP (hidden 32) of `dcfast.models.tiny`, trained jointly with the U-Net
   (there is no pretrained one to freeze). Its vocabulary holds the world's words and the photo
   demo's class words whole.
 - Captions name a random subset of a scene's attributes: the shape always, the colour, the pattern
@@ -51,7 +51,7 @@ Choices, each measured on this 2-core CPU:
   the script's sampling seeds): guidance 7.5 gave shape 0.812, colour 0.878; 5 gave 0.870 / 0.935; 7.5
   with guidance rescale 0.7 gave 0.841 / 0.898, and 5 with it 0.901 / 0.930 (not taken: one
   setting fewer, and diffusers' samplers and dcfast's evaluation need no new field). At 7.5 the samples
-  overshoot colour and lose edges (yellow circles and squares read as other shapes). `dcfast.demo`'s world
+  overshoot colour and lose edges (yellow circles and squares read as other shapes). `dcfast.experiments.runner`'s world
   regime samples at 5 (`validation_guidance_scale`, which `dcfast eval` follows).
 
 At the end the script samples every "a photo of a {colour} {shape}" prompt with DDIM (20 steps, CFG
@@ -171,9 +171,9 @@ from PIL import Image
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from dcfast import world
-from dcfast.demo_data import DEMO_CONCEPTS
-from dcfast.models import TINY_WORDS, tiny_text_encoder, write_tiny_tokenizer_files
+from dcfast.world import scenes as world
+from dcfast.experiments.photos import DEMO_CONCEPTS
+from dcfast.models.tiny import TINY_WORDS, tiny_text_encoder, write_tiny_tokenizer_files
 
 RESOLUTION = world.RESOLUTION
 OFFSET_NOISE = 0.1  # per-channel constant added to the training noise (see the module docstring)
@@ -367,8 +367,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps, batch, see
 def oracle_scores(pipe, samples_per_prompt: int, seed: int, guidance_scale: float) -> dict:
     """The oracle's accuracy on CFG samples: shape and colour on every "a photo of a {colour} {shape}",
     pattern and background on full captions (one per shape x pattern x background, random colours)."""
-    from dcfast.oracle import load_oracle, read_attributes
-    from dcfast.sampling import generate
+    from dcfast.world.oracle import load_oracle, read_attributes
+    from dcfast.eval.sampling import generate
 
     oracle = load_oracle()
     rng = np.random.default_rng(seed)
@@ -405,7 +405,7 @@ def oracle_scores(pipe, samples_per_prompt: int, seed: int, guidance_scale: floa
 @torch.no_grad()
 def vae_oracle_accuracy(vae: AutoencoderKL, count: int, seed: int) -> dict:
     """The oracle's accuracy per attribute on VAE reconstructions of fresh renders (what the VAE keeps)."""
-    from dcfast.oracle import load_oracle, read_attributes
+    from dcfast.world.oracle import load_oracle, read_attributes
 
     scenes = world.random_scenes(count, seed)
     pixels = to_model_range(world.render(scenes))
@@ -428,7 +428,7 @@ def schedule_line(stats: dict) -> str:
 def model_card(stats: dict) -> str:
     lines = ["# dcfast tiny base model", "",
              "A tiny Stable-Diffusion-layout text-to-image model (32x32 RGB, VAE latents 16x16x4), pretrained from",
-             "scratch by `scripts/pretrain_tiny_base.py` on the tiny world (`dcfast.world`): one shape (circle,",
+             "scratch by `scripts/pretrain_tiny_base.py` on the tiny world (`dcfast.world.scenes`): one shape (circle,",
              "square, triangle, star, ring, cross) in one of 8 colours, solid, striped or dotted in a second colour,",
              "on a white, grey or black background. It follows short captions such as \"a photo of a red star\"",
              "(shape and colour, scores below) and full captions (\"a photo of a teal ring with orange dots on a black",

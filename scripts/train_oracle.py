@@ -1,8 +1,8 @@
-"""Train the world's oracle (`dcfast.oracle`), shipped at `dcfast/assets/oracle.safetensors`:
+"""Train the world's oracle (`dcfast.world.oracle`), shipped at `dcfast/assets/oracle.safetensors`:
 
     python scripts/train_oracle.py [--steps 3000] [--output dcfast/assets/oracle.safetensors]
 
-Every step draws a fresh batch of random scenes (`dcfast.world.random_scenes`), so the oracle never
+Every step draws a fresh batch of random scenes (`dcfast.world.scenes.random_scenes`), so the oracle never
 sees a render twice. Augmentations make it read generated samples, which are blurrier, noisier and
 slightly off-colour compared with renders:
 - Gaussian blur, sigma 0-1.2 px (half the batch);
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcfast.atomic import save_safetensors_atomic, write_json_atomic
-from dcfast.oracle import ORACLE_FILE, Oracle
-from dcfast.world import ATTRIBUTES, random_scenes, render
+from dcfast.io.atomic import save_safetensors_atomic, write_json_atomic
+from dcfast.world.oracle import ORACLE_FILE, Oracle
+from dcfast.world.scenes import ATTRIBUTES, random_scenes, render
 
 SCENE_FIELD = {"shape": "shape", "colour": "colour", "pattern": "pattern", "background": "background"}
 

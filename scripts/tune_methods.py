@@ -5,8 +5,8 @@
 Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
 lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
 test sequences once. Each grid is a list of (method, TrainConfig overrides) on top of the world regime
-(`dcfast.demo.WORLD_TRAIN`); each row is one full run (4 tasks, every state evaluated), judged by the
-oracle's fidelity matrix F (dcfast.oracle).
+(`dcfast.experiments.regimes.WORLD_TRAIN`); each row is one full run (4 tasks, every state evaluated), judged by the
+oracle's fidelity matrix F (dcfast.world.oracle).
 
 The selection rule, fixed before any run: the highest **final fidelity** (mean over concepts of F[i, N],
 what the user has at the end), ties (within 1/32, one sample) broken by the lower fidelity forgetting.
@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from dcfast.atomic import write_atomic
+from dcfast.io.atomic import write_atomic
 
 Variant = Tuple[str, Dict[str, object]]  # (method, TrainConfig overrides)
 
@@ -90,7 +90,7 @@ def run_variant(method: str, overrides: Dict[str, object], sequence: str, seed: 
     import torch
 
     torch.set_num_threads(1)
-    from dcfast.demo import DemoConfig, run_method, write_concepts
+    from dcfast.experiments.runner import DemoConfig, run_method, write_concepts
 
     name = variant_name(method, overrides)
     folder = Path(workdir) / sequence / f"seed_{seed}" / name.replace(" ", "_").replace("=", "-")

@@ -5,7 +5,7 @@
 Issue 10: on the previous base model the concept lived in the frozen per-task token (textual inversion)
 and the shared LoRA barely moved, so nothing later tasks did could erase it. On Stable Diffusion,
 forgetting comes from the shared LoRA carrying the concepts. Each variant below changes one setting of
-the world regime (`dcfast.demo.WORLD_TRAIN`) and reports F[1, 1] (concept 1 learned), F[1, N] (what
+the world regime (`dcfast.experiments.regimes.WORLD_TRAIN`) and reports F[1, 1] (concept 1 learned), F[1, N] (what
 is left of it at the end), their difference (forgetting of concept 1), every concept's fidelity right
 after its own task F[i, i] (was it learned?) and the mean final fidelity, so each setting's
 contribution shows.
@@ -19,8 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from dcfast.atomic import write_atomic
-from dcfast.demo import WORLD_TRAIN, DemoConfig, run_method, write_concepts
+from dcfast.io.atomic import write_atomic
+from dcfast.experiments.regimes import WORLD_TRAIN
+from dcfast.experiments.runner import DemoConfig, run_method, write_concepts
 
 # name -> TrainConfig overrides on top of WORLD_TRAIN
 VARIANTS = {
@@ -39,7 +40,7 @@ VARIANTS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequence", default="same-class-val", help="a validation sequence of dcfast.world")
+    parser.add_argument("--sequence", default="same-class-val", help="a validation sequence of dcfast.world.scenes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants")
     parser.add_argument("--output", default="benchmarks/world_regime.md", help="markdown table to write")

@@ -1,4 +1,4 @@
-// CPU backend of dcfast::fisher_accumulate_ (DESIGN 2.3): fisher (O, I) += sum_n (G_n^T X_n)^2.
+// CPU backend of dcfast::fisher_accumulate_ (docs/design.md: the per-sample Fisher kernel): fisher (O, I) += sum_n (G_n^T X_n)^2.
 //
 // Samples are split into at most one contiguous chunk per thread. A chunk computes per-sample
 // gradients G_n^T X_n with BLAS into a small reused thread-local float32 scratch and squares them into

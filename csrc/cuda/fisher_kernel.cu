@@ -1,4 +1,4 @@
-// CUDA kernels of dcfast::fisher_accumulate_ (DESIGN 2.3), free of torch headers: the torch glue is
+// CUDA kernels of dcfast::fisher_accumulate_ (docs/design.md: the per-sample Fisher kernel), free of torch headers: the torch glue is
 // cuda/fisher_cuda.cpp, which calls the extern "C" functions below.
 //
 //   fisher[o, i] += sum_n ( sum_r grad_output[n, r, o] * input[n, r, i] )^2

@@ -2,7 +2,7 @@
 and vs the peer (Diffusion Classifier's batching, `dcfast.bench.peer`), timed interleaved in one run.
 
 The full run adds the bare U-Net on the same rows (the engine's overhead), the engine with each exact
-share alone (`dcfast.unet_pass`), sizes 8x8 to 64x64 and the FLOP shares (`dcfast.bench.flops`).
+share alone (`dcfast.engine.unet_pass`), sizes 8x8 to 64x64 and the FLOP shares (`dcfast.bench.flops`).
 
 Also measures the memory-bounded gradient (`dc_loss_backward`) against the unchunked backward at
 K*T = 64 rows per image. CPU uses the tiny U-Net; CUDA a randomly initialised U-Net with Stable
@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
 from dcfast.bench.common import environment, format_table, interleaved_medians, peak_memory
 from dcfast.bench.peer import dc_scores_peer
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.reference import dc_scores_naive
-from dcfast.scores import (DEFAULT_SHARES, _unet_fingerprint, chunk_tuner, dc_logits, dc_loss_backward, dc_scores)
-from dcfast.unet_pass import usable_shares
+from dcfast.models.tiny import tiny_scheduler, tiny_unet
+from dcfast.engine.reference import dc_scores_naive
+from dcfast.engine.chunks import chunk_tuner, unet_fingerprint
+from dcfast.engine.scores import DEFAULT_SHARES, dc_logits, dc_loss_backward, dc_scores
+from dcfast.engine.unet_pass import usable_shares
 
 COLUMNS = ["case", "provider", "median_s", "ratio_vs_naive", "ratio_vs_peer", "peak_mem_mb", "mem_ratio",
            "overhead_vs_bare"]
-# The engine with one share set each (dcfast.unet_pass): "dcfast" itself runs the default set.
+# The engine with one share set each (dcfast.engine.unet_pass): "dcfast" itself runs the default set.
 SHARE_PROVIDERS = {"dcfast-plain": (), "dcfast-prefix": ("prefix",), "dcfast-kv": ("kv",), "dcfast-temb": ("temb",)}
 SHAPE = (4, 8, 8)  # B images, K concepts, T timesteps: the issue's reference problem
 GRAD_SHAPE = (1, 8, 8)  # K*T = 64 U-Net rows per image for the memory-bounded gradient
@@ -78,7 +79,7 @@ def _tuning(unet, share, grad: bool = False):
     """(settled, row budget) of the chunk tuner for this U-Net and share set; (True, None) when nothing is
     tuned (one chunk holds the pass, or a fixed size applies)."""
     shares = tuple(sorted(usable_shares(unet, DEFAULT_SHARES if share is None else share)))
-    fingerprint = _unet_fingerprint(unet)
+    fingerprint = unet_fingerprint(unet)
     for key, best in chunk_tuner.choices().items():
         if key[0] == fingerprint and key[6] == shares and key[10] == grad:
             return best is not None, best

@@ -1,7 +1,7 @@
 """`dcfast bench fisher`: the per-sample Fisher of a LoRA U-Net three ways, N = 16 samples.
 
-    naive    dcfast.reference.fisher_naive: one forward + backward per sample (the usual EWC loop)
-    vmap     dcfast.reference.fisher_vmap: torch.func vmap(grad), all per-sample gradients in memory
+    naive    dcfast.engine.reference.fisher_naive: one forward + backward per sample (the usual EWC loop)
+    vmap     dcfast.engine.reference.fisher_vmap: torch.func vmap(grad), all per-sample gradients in memory
     dcfast   dcfast.FisherAccumulator: one batched forward + backward, squares fused in place
 
 Loss: the denoising loss ||eps - eps_theta(x_t, c, t)||^2 per sample. LoRA rank 4 on the attention
@@ -18,9 +18,9 @@ import torch
 from peft import LoraConfig
 
 from dcfast.bench.common import environment, format_table, median_time, peak_memory
-from dcfast.fisher import FisherAccumulator
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.reference import fisher_naive, fisher_vmap
+from dcfast.engine.fisher import FisherAccumulator
+from dcfast.models.tiny import tiny_scheduler, tiny_unet
+from dcfast.engine.reference import fisher_naive, fisher_vmap
 
 N = 16
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -106,7 +106,7 @@ def sd15_meta_unet():
 
 def shares_table(sizes=(8, 16, 32, 64)):
     """Rows {model, size, gflop_per_row, prefix, text_kv, self_attn, conv (fractions)} for the tiny U-Net and SD 1.5."""
-    from dcfast.models import tiny_unet
+    from dcfast.models.tiny import tiny_unet
 
     rows = []
     with torch.device("meta"):

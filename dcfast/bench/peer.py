@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from dcfast.scores import prepare_inputs
+from dcfast.engine.targets import prepare_inputs
 
 PEER_BATCH = 32  # rows per U-Net call in the public code's default
 

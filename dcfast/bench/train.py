@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Dict, List
 
 from dcfast.bench.common import environment, format_table
-from dcfast.config import TrainConfig
-from dcfast.data import write_shape_images
-from dcfast.methods import METHODS
-from dcfast.models import tiny
+from dcfast.training.config import TrainConfig
+from dcfast.io.images import write_shape_images
+from dcfast.training.methods import METHODS
+from dcfast.models.tiny import tiny
 
 COLUMNS = ["method", "median_step_s", "ratio_vs_lora", "task_seconds", "consolidation_s"]
 GRID_COLUMNS = ["k", "T", "dc_denoise_rows", "unet_rows_per_image", "median_step_s", "lora_step_s", "ratio_vs_lora"]
@@ -33,7 +33,7 @@ QUICK_GRID = ((2, 4), (4,))
 
 def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: Path, steps: int, **fields) -> Dict:
     """Train `method` on every task of `concepts`; median step time of the last task, its seconds, consolidation."""
-    from dcfast.trainer import train
+    from dcfast.training.trainer import train
 
     last = len(concepts)
     stamps: List[float] = []
@@ -41,7 +41,8 @@ def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: P
     config = TrainConfig.from_dict(dict(
         pretrained_model_name_or_path=str(model_dir), output_dir=str(out / name), method=method,
         tasks=[{"images": str(folder), "class_word": word} for word, folder in concepts.items()],
-        max_train_steps=steps, train_batch_size=2, checkpointing_steps=10 * steps, dsc_iterations=steps, **fields))
+        max_train_steps=steps, train_batch_size=2, checkpointing_steps=10 * steps, dsc_iterations=steps, **fields),
+        ignore_other_methods=True)  # dsc_iterations: read by the DSC methods only
     result = train(config, step_callback=lambda task, step, models: task == last and stamps.append(time.perf_counter()))
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
     seconds = result.metrics[-1]["seconds"]

@@ -1,4 +1,4 @@
-"""Triton backend of `dcfast::dc_error` (DESIGN 2.1), registered as the CUDA kernel by
+"""Triton backend of `dcfast::dc_error` (docs/design.md: the DC error kernel), registered as the CUDA kernel by
 `dcfast/ops/dc_error.py` when no CUDA C++ kernel was built. Runs on CPU tensors under
 TRITON_INTERPRET=1 (fp32/fp16 only: the interpreter computes bf16 wrongly).
 

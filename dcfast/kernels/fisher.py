@@ -1,4 +1,4 @@
-"""Triton kernel of `dcfast::fisher_accumulate_` (DESIGN 2.3), registered for CUDA by dcfast.ops.fisher.
+"""Triton kernel of `dcfast::fisher_accumulate_` (docs/design.md: the per-sample Fisher kernel), registered for CUDA by dcfast.ops.fisher.
 
     fisher[o, i] += sum_n ( sum_r grad_output[n, r, o] * input[n, r, i] )^2
 

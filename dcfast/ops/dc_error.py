@@ -1,4 +1,4 @@
-"""Fused DC error reduction (DESIGN 2.1): the Python face of `dcfast::dc_error`.
+"""Fused DC error reduction (docs/design.md: the DC error kernel): the Python face of `dcfast::dc_error`.
 
     err[b, k, t] = mean_d loss(noise[b, t, d] - pred[b, k, t, d])
 

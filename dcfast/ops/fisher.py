@@ -1,4 +1,4 @@
-"""In-place per-sample Fisher (DESIGN 2.3): the Python face of `dcfast::fisher_accumulate_`.
+"""In-place per-sample Fisher (docs/design.md: the per-sample Fisher kernel): the Python face of `dcfast::fisher_accumulate_`.
 
     fisher[o, i] += sum_n ( sum_r grad_output[n, r, o] * input[n, r, i] )^2
 

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dcfast.config import TrainConfig
-from dcfast.data import write_shape_images
-from dcfast.models import tiny
+from dcfast.training.config import TrainConfig
+from dcfast.io.images import write_shape_images
+from dcfast.models.tiny import tiny
 
 sys.path.insert(0, str(Path(__file__).parent))  # python_tests/train/formulas.py: `import formulas`
 
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
+# Method settings that keep a test run fast, for the methods that read them.
+FAST_SETTINGS = dict(num_dc_timesteps=2, num_dc_concepts=3, fisher_num_timesteps=2, fisher_batch_size=2, dsc_iterations=2)
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +39,9 @@ def make_config(model_dir, concepts, tmp_path):
     def build(method: str = "lora", words=("dog", "mug"), **fields) -> TrainConfig:
         values = dict(pretrained_model_name_or_path=str(model_dir), output_dir=str(tmp_path / "run"), method=method,
                       tasks=[{"images": str(concepts[w]), "class_word": w} for w in words],
-                      max_train_steps=2, train_batch_size=2, checkpointing_steps=100, num_dc_timesteps=2,
-                      num_dc_concepts=3, fisher_num_timesteps=2, fisher_batch_size=2, dsc_iterations=2,
-                      learning_rate=1e-3)
+                      max_train_steps=2, train_batch_size=2, checkpointing_steps=100, learning_rate=1e-3)
+        own = TrainConfig(method=method).flat()  # the fast settings below, where the method reads them
+        values.update({k: v for k, v in FAST_SETTINGS.items() if k in own})
         values.update(fields)
         return TrainConfig.from_dict(values)
 

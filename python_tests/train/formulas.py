@@ -1,4 +1,4 @@
-"""DESIGN 1's formulas written as plain loops, for the method tests' expected values; and a toy method.
+"""docs/design.md's formulas written as plain loops, for the method tests' expected values; and a toy method.
 
 Nothing here calls dcfast's score engine or a method's own helpers: one U-Net call per (image,
 concept, pair), prompts given by the caller.
@@ -7,10 +7,10 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from dcfast.adapters import add_lora
-from dcfast.config import TrainConfig
-from dcfast.methods import Models, TaskData, get_method
-from dcfast.models import tiny
+from dcfast.training.adapters import add_lora
+from dcfast.training.config import TrainConfig
+from dcfast.training.methods import Models, TaskData, get_method
+from dcfast.models.tiny import tiny
 
 PROMPT, CLASS_PROMPT = "a photo of my dog", "a photo of a dog"  # c_n, c_0 of the toy task
 # The toy model's DC error gaps between concepts are ~2.5e-3 (its "auto" tau): at this tau its softmaxes are
@@ -35,10 +35,12 @@ def toy_method(name, index=2, past=("a photo of red cat",), rank=2, alpha=2, pre
             p.normal_(0, 0.2).requires_grad_(True)
     models = Models(pipe.unet, pipe.text_encoder.requires_grad_(False), pipe.tokenizer,
                     DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type), Accelerator())
-    values = dict(method=name, temperature=TAU, num_dc_concepts=3, fisher_num_timesteps=2, rank=rank, lora_alpha=alpha)
+    own = TrainConfig(method=name).flat()
+    values = dict(method=name, rank=rank, lora_alpha=alpha)
+    values.update({k: v for k, v in dict(temperature=TAU, num_dc_concepts=3, fisher_num_timesteps=2).items() if k in own})
     values.update(fields)
-    method = get_method(name)(TrainConfig(**values), models)
-    task = TaskData(index=index, latents=torch.randn(3, 4, 8, 8), prompt=PROMPT, class_prompt=CLASS_PROMPT,
+    method = get_method(name)(TrainConfig.from_dict(values), models)
+    task = TaskData(index=index, latents=torch.randn(3, 4, 8, 8), prompt=PROMPT, pretrained_concept_prompt=CLASS_PROMPT,
                     past_prompts=list(past), generator=torch.Generator().manual_seed(2),
                     shared_generator=torch.Generator().manual_seed(3), seed=4)
     method.begin_task(task)

@@ -6,15 +6,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from dcfast.cli import main
-from dcfast.runs import base_model, load_pipeline, load_tensors, task_dir
-from dcfast.trainer import train
+from dcfast.cli.main import main
+from dcfast.io.runs import Run, load_pipeline, load_tensors, task_dir
+from dcfast.training.trainer import train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_dir, concepts):
     """A 2-task C-LoRA run (its exported LoRA stacks both tasks' factors: rank 2r, read from the file's metadata)."""
-    from dcfast.config import TrainConfig
+    from dcfast.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("export_run") / "run"
     config = TrainConfig.from_dict(dict(
@@ -67,7 +67,7 @@ def test_plain_diffusers_loads_the_export_like_dcfast(run, tmp_path, capsys):
     exec(compile(code, "README.md loading code", "exec"), namespace)
     plain = namespace["pipe"]
     ours = load_pipeline(run, 2)
-    base_dir = base_model(run)["name_or_path"]
+    base_dir = Run(run).base_model()["name_or_path"]
     base = StableDiffusionPipeline.from_pretrained(base_dir)
 
     for prompt in ("a photo of <v1> dog", "a photo of <v2> mug"):
@@ -101,8 +101,8 @@ def test_export_of_an_earlier_state_replaces_the_earlier_export(run, tmp_path):
 
 def test_export_includes_the_evaluation(run, tmp_path):
     """Metrics of an evaluated run appear in the card: state 2's column of eval/metrics.json."""
-    from dcfast.atomic import write_json_atomic
-    from dcfast.export import export
+    from dcfast.io.atomic import write_json_atomic
+    from dcfast.io.export import export
 
     metrics = {"summary": {"ammd": 0.25, "final_accuracy": 0.75, "forgetting": None}, "features": "dcfast-randconv-v1",
                "accuracy": [[1.0, 0.5], [None, 0.875]], "mmd": [[0.125, 0.375], [None, 0.0625]], "fidelity": None}
@@ -147,8 +147,8 @@ def test_export_refuses_bad_requests(run, tmp_path, capsys):
 
 
 def test_check_tokens_whole_names_a_split_token():
-    from dcfast.models import tiny_tokenizer
-    from dcfast.runs import check_tokens_whole
+    from dcfast.models.tiny import tiny_tokenizer
+    from dcfast.io.runs import check_tokens_whole
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens("<v1>")

@@ -1,8 +1,8 @@
 """`dcfast train --config run.yaml` with flag overrides, and its error exit."""
 import yaml
 
-from dcfast.cli import main
-from dcfast.runs import finished_tasks, read_json, task_dir
+from dcfast.cli.main import main
+from dcfast.io.runs import Run, read_json, task_dir
 
 
 def test_dcfast_train_from_yaml(tmp_path, model_dir, concepts, capsys):
@@ -14,7 +14,7 @@ def test_dcfast_train_from_yaml(tmp_path, model_dir, concepts, capsys):
     code = main(["train", "--config", str(path), "--max_train_steps", "2", "--train_batch_size", "1",
                  "--gradient_accumulation_steps", "2", "--rank", "2", "--seed", "3"])
     assert code == 0
-    assert finished_tasks(tmp_path / "run") == [1, 2]
+    assert Run(tmp_path / "run").finished_tasks() == [1, 2]
     saved = read_json(task_dir(tmp_path / "run", 2) / "config.json")
     assert (saved["max_train_steps"], saved["rank"], saved["seed"], saved["gradient_accumulation_steps"]) == (2, 2, 3, 2)
     assert "task_2: final_loss=" in capsys.readouterr().out
@@ -41,10 +41,10 @@ def test_bf16_mixed_precision_in_a_fresh_process(tmp_path, model_dir, concepts):
         "pretrained_model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "run"), "method": "dsc+ewc-dc",
         "tasks": [{"images": str(concepts["dog"]), "class_word": "dog"}, {"images": str(concepts["mug"]), "class_word": "mug"}],
         "max_train_steps": 1, "num_dc_timesteps": 1, "fisher_num_timesteps": 1, "dsc_iterations": 1}))
-    done = subprocess.run([sys.executable, "-m", "dcfast.cli", "train", "--config", str(path), "--mixed_precision", "bf16"],
+    done = subprocess.run([sys.executable, "-m", "dcfast.cli.main", "train", "--config", str(path), "--mixed_precision", "bf16"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert finished_tasks(tmp_path / "run") == [1, 2]
+    assert Run(tmp_path / "run").finished_tasks() == [1, 2]
     assert read_json(task_dir(tmp_path / "run", 2) / "config.json")["mixed_precision"] == "bf16"
 
 
@@ -54,7 +54,7 @@ def test_cli_prints_run_summary_and_phase_progress(make_config, tmp_path, capsys
 
     import yaml
 
-    from dcfast.cli import main
+    from dcfast.cli.main import main
 
     config = make_config("ewc", words=("dog",), max_train_steps=1)
     path = tmp_path / "run.yaml"
@@ -69,14 +69,15 @@ def test_cli_prints_run_summary_and_phase_progress(make_config, tmp_path, capsys
     err = capsys.readouterr().err
     assert "***** dcfast.train: method=ewc *****" in err and "steps per task = 1" in err
     assert "task 1 Fisher (ewc)" in err
+    assert "[RANK" not in err and "[process" not in err  # one process: no process tags on its log lines
 
 
 def test_loading_a_task_state_is_quiet(make_config, capfd):
     """eval loads every task state: no diffusers loading bars or 'No LoRA keys ... CLIPTextModel' notices."""
     from diffusers.utils import logging as diffusers_logging
 
-    from dcfast.runs import load_pipeline
-    from dcfast.trainer import train
+    from dcfast.io.runs import load_pipeline
+    from dcfast.training.trainer import train
 
     config = make_config("lora", words=("dog",), max_train_steps=1)
     train(config)

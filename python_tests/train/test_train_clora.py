@@ -3,9 +3,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import formulas
-from dcfast.adapters import lora_layers
-from dcfast.runs import load_tensors, task_dir
-from dcfast.trainer import train
+from dcfast.training.adapters import lora_layers
+from dcfast.io.runs import load_tensors, task_dir
+from dcfast.training.trainer import train
 
 RANK, ALPHA = 2, 4  # scaling alpha / r = 2
 

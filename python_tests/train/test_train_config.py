@@ -1,13 +1,13 @@
-"""dcfast.config: YAML loading, CLI overrides, and a message naming field and fix for every bad config."""
+"""dcfast.training.config: YAML loading, CLI overrides, and a message naming field and fix for every bad config."""
 import shutil
 
 import pytest
 import yaml
 from PIL import Image
 
-from dcfast.cli import build_parser
-from dcfast.cli_train import config_from_args
-from dcfast.config import TrainConfig
+from dcfast.cli.main import build_parser
+from dcfast.cli.train import config_from_args
+from dcfast.training.config import TrainConfig
 
 
 def test_yaml_then_flags_override(tmp_path, model_dir, concepts):
@@ -94,8 +94,8 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"num_dc_concepts": 1}, r"num_dc_concepts: must be an integer >= 2, got 1"),
 ])
 def test_bad_fields(make_config, fields, expected):
-    with pytest.raises(ValueError, match=expected):
-        make_config(**fields).validate()
+    with pytest.raises(ValueError, match=expected):  # dsc+ewc-dc reads every setting these cases name
+        make_config(**{"method": "dsc+ewc-dc", **fields}).validate()
 
 
 @pytest.mark.parametrize("fields", [
@@ -103,7 +103,7 @@ def test_bad_fields(make_config, fields, expected):
     {"dc_label_smoothing": 0.1, "dc_c0_weight": 0.0}, {"fisher_normalize": "none"},
     {"dsc_teacher_pool": "after_distill", "dsc_ewc_penalty": False}, {"num_dc_concepts": 2, "method": "dsc"}])
 def test_good_dc_fields(make_config, fields):
-    make_config(**fields).validate()
+    make_config(**{"method": "dsc+ewc-dc", **fields}).validate()
 
 
 def test_model_dir_without_unet(make_config, model_dir, tmp_path):
@@ -134,11 +134,12 @@ def _yaml(tmp_path, text):
 
 def test_yaml_numbers_written_as_exponents_are_numbers(tmp_path):
     """PyYAML reads 1e-4 and 1e2 (no dot) as strings: they become the field's number type."""
-    config = TrainConfig.from_yaml(_yaml(tmp_path, "learning_rate: 1e-4\nmax_train_steps: 1e2\ntemperature: 5e-3\n"
-                                                   "dsc_learning_rate: 2E-5\nmixed_precision: no\nresolution: 64\n"))
+    config = TrainConfig.from_yaml(_yaml(tmp_path, "method: dsc\nlearning_rate: 1e-4\nmax_train_steps: 1e2\n"
+                                                   "temperature: 5e-3\ndsc_learning_rate: 2E-5\nmixed_precision: no\n"
+                                                   "resolution: 64\n"))
     assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
     assert config.max_train_steps == 100 and isinstance(config.max_train_steps, int)
-    assert config.temperature == 5e-3 and config.dsc_learning_rate == 2e-5
+    assert config.method_settings.temperature == 5e-3 and config.method_settings.dsc_learning_rate == 2e-5
     assert config.mixed_precision == "no"  # YAML 1.1 reads a bare `no` as false
     assert config.resolution == 64
 
@@ -146,7 +147,7 @@ def test_yaml_numbers_written_as_exponents_are_numbers(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("learning_rate: fast\n", r"learning_rate: must be a number, got 'fast' \(text\); e\.g\. learning_rate: 0\.0001"),
     ("max_train_steps: 2.5\n", r"max_train_steps: must be an integer, got 2\.5"),
-    ("dsc_ewc_penalty: 'yes'\n", r"dsc_ewc_penalty: must be true or false, got 'yes'"),
+    ("method: dsc+ewc-dc\ndsc_ewc_penalty: 'yes'\n", r"dsc_ewc_penalty: must be true or false, got 'yes'"),
     ("method: 3\n", r"method: must be text, got 3 \(int\); put it in quotes"),
     ("tasks: ok\n", r"tasks: must be a list of mappings like \[\{images: photos/dog, class_word: dog\}\], got 'ok' \(str\)"),
     ("target_modules: to_q\n", r"target_modules: must be a list of names"),
@@ -187,31 +188,39 @@ def test_eval_images_need_two_held_out_images(make_config, concepts, tmp_path):
 def test_every_field_is_a_flag_with_its_reason_as_help(capsys):
     import dataclasses
 
-    from dcfast.config import field_help
+    from dcfast.training.methods import REGISTRY
+    from dcfast.training.settings import field_help
 
-    helps = field_help()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(TrainConfig):
-        assert f"--{f.name}" in text, f.name
-        assert helps[f.name] and " ".join(helps[f.name].split())[:40] in text, f.name
-    assert helps["token_learning_rate"] == "the modifier token learns a 768-dim vector from few photos: faster"
-    assert helps["temperature"].startswith("tau: a number, or \"auto\"")  # a comment block above the field
+    for cls in [TrainConfig] + [method.Settings for _, method in REGISTRY]:  # shared fields, every method's settings
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "method_settings":
+                continue
+            assert f"--{f.name}" in text, f.name
+            assert helps[f.name] and " ".join(helps[f.name].split())[:40] in text, f.name
+    assert field_help(TrainConfig)["token_learning_rate"] == ("the modifier token learns a 768-dim vector from few "
+                                                              "photos: faster")
+    ewc_dc = dict(REGISTRY)["ewc-dc"].Settings
+    assert field_help(ewc_dc)["temperature"].startswith("tau: a number, or \"auto\"")  # a comment block above it
+    assert "settings of method ewc-dc, dsc, dsc+ewc-dc" in text  # each setting listed under the methods reading it
 
 
 def test_flags_of_every_kind_parse_to_the_field_type(tmp_path):
     args = build_parser().parse_args([
-        "train", "--resolution", "32", "--adam_beta2", "0.99", "--temperature", "auto", "--no-dsc_ewc_penalty",
+        "train", "--method", "dsc+ewc-dc", "--resolution", "32", "--adam_beta2", "0.99", "--temperature", "auto",
+        "--no-dsc_ewc_penalty",
         "--target_modules", "to_q", "to_v", "--lr_scheduler", "cosine", "--tasks", "[{images: a, class_word: dog}]",
         "--pretrained_concept_prompt", "a {class_word}", "--eval_every_task"])
     config = config_from_args(args)
-    assert (config.resolution, config.adam_beta2, config.temperature) == (32, 0.99, "auto")
-    assert config.dsc_ewc_penalty is False and config.eval_every_task is True
+    assert (config.resolution, config.adam_beta2, config.method_settings.temperature) == (32, 0.99, "auto")
+    assert config.method_settings.dsc_ewc_penalty is False and config.eval_every_task is True
     assert config.target_modules == ["to_q", "to_v"] and config.lr_scheduler == "cosine"
     assert config.tasks[0].images == "a" and config.tasks[0].class_word == "dog"
     assert config.pretrained_concept_prompt == "a {class_word}"
-    assert config_from_args(build_parser().parse_args(["train", "--temperature", "0.5"])).temperature == 0.5
+    assert config_from_args(build_parser().parse_args(["train", "--temperature", "0.5"])).method_settings.temperature == 0.5
 
 
 def test_choice_flags_list_their_choices(capsys):
@@ -220,18 +229,11 @@ def test_choice_flags_list_their_choices(capsys):
     assert "invalid choice: 'cosine_typo'" in capsys.readouterr().err
 
 
-def test_methods_constant_is_the_registry():
-    from dcfast.config import METHODS
-    from dcfast.methods import METHODS as REGISTRY
-
-    assert set(METHODS) == set(REGISTRY)
-
-
 def test_help_imports_no_torch():
     """`dcfast --help` builds every parser without torch (its compiler imports took 2 s of 3.9)."""
     import subprocess
     import sys
 
-    code = "import sys, dcfast.cli; dcfast.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    code = "import sys, dcfast.cli.main; dcfast.cli.main.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,10 +1,10 @@
-"""dcfast.data: concept folders to [-1, 1] tensors, and errors naming the folder or file."""
+"""dcfast.io.images: concept folders to [-1, 1] tensors, and errors naming the folder or file."""
 import pytest
 import torch
 from PIL import Image
 
-from dcfast.config import TaskConfig
-from dcfast.data import augment, check_image_folder, load_images, load_resized, open_image
+from dcfast.training.config import TaskConfig
+from dcfast.io.images import augment, check_image_folder, load_images, load_resized, open_image
 
 
 def test_load_resizes_center_crops_and_normalises(tmp_path):
@@ -94,7 +94,7 @@ def test_augment_crops_and_flips_from_the_generator():
 
 
 def test_training_with_random_crops_and_flips(make_config, concepts):
-    from dcfast.trainer import train
+    from dcfast.training.trainer import train
 
     result = train(make_config("lora", words=("dog",), center_crop=False, random_flip=True))
     assert torch.isfinite(torch.tensor(result.metrics[0]["final_loss"]))

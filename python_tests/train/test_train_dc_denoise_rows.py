@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import formulas
-from dcfast.adapters import lora_state
-from dcfast.config import TrainConfig
-from dcfast.objectives import predict_rows, rows_denoise_loss
+from dcfast.training.adapters import lora_state
+from dcfast.training.config import TrainConfig
+from dcfast.training.objectives import predict_rows, rows_denoise_loss
 
 S = [formulas.PROMPT, formulas.CLASS_PROMPT, "a photo of red cat"]
 
@@ -77,7 +77,7 @@ def test_dsc_noise_distillation_from_dc_rows_equals_the_separate_calls(predictio
     params = list(params.values())
     results = {}
     for rows in (False, True):  # each loss differentiated before the next swaps teachers into the LoRA in place
-        method.config.dc_denoise_rows = rows
+        method.settings.dc_denoise_rows = rows
         loss, parts = distiller.step_loss(task, x0, 1, timesteps, noise, formulas.TAU)
         results[rows] = loss.detach(), parts, torch.autograd.grad(loss, params)
     (separate, parts, grads), (ours, ours_parts, ours_grads) = results[False], results[True]
@@ -91,12 +91,12 @@ def test_dsc_noise_distillation_from_dc_rows_equals_the_separate_calls(predictio
 def test_dc_denoise_rows_refuses_offset_noise(make_config):
     with pytest.raises(ValueError, match="dc_denoise_rows: the DC pass's noise has no offset"):
         make_config("ewc-dc", dc_denoise_rows=True, noise_offset=0.1).validate()
-    assert TrainConfig().dc_denoise_rows is False
+    assert TrainConfig(method="ewc-dc").method_settings.dc_denoise_rows is False
 
 
 @pytest.mark.parametrize("method", ["ewc-dc", "dsc+ewc-dc"])
 def test_training_with_dc_denoise_rows(make_config, method):
-    from dcfast.trainer import train
+    from dcfast.training.trainer import train
 
     result = train(make_config(method, dc_denoise_rows=True))
     assert all(torch.isfinite(torch.tensor(m["final_loss"])) for m in result.metrics)

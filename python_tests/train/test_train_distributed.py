@@ -10,17 +10,17 @@ import sys
 
 import torch
 
-from dcfast.runs import load_tensors, task_dir
-from dcfast.trainer import train
+from dcfast.io.runs import load_tensors, task_dir
+from dcfast.training.trainer import train
 
 WORKER = '''
 import json, sys, torch
 torch.set_num_threads(1)
 from accelerate import PartialState
-from dcfast.adapters import lora_state
-from dcfast.config import TrainConfig
-from dcfast.runs import save_tensors
-from dcfast.trainer import train
+from dcfast.training.adapters import lora_state
+from dcfast.training.config import TrainConfig
+from dcfast.io.runs import save_tensors
+from dcfast.training.trainer import train
 
 for name, values in json.loads(open(sys.argv[1]).read()).items():
     result = train(TrainConfig.from_dict(values))

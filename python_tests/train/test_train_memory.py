@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 
-from dcfast.runs import load_tensors, task_dir
-from dcfast.trainer import train
+from dcfast.io.runs import load_tensors, task_dir
+from dcfast.training.trainer import train
 
 # Run in a fresh interpreter (accelerate fixes mixed precision per process): records, at every step, the dtype of
 # every frozen and trainable tensor, then prints them as JSON on the last line.
 DTYPE_PROBE = r"""
 import json, sys
-from dcfast.config import TrainConfig
-from dcfast.trainer import train
+from dcfast.training.config import TrainConfig
+from dcfast.training.trainer import train
 
 seen = {}
 def probe(task, step, models):
@@ -33,7 +33,7 @@ def probe(task, step, models):
     }
     seen["vae"] = sorted({str(p.dtype) for p in probe.vae.parameters()})
 
-import dcfast.trainer as trainer
+import dcfast.training.trainer as trainer
 load = trainer.load_components
 def load_and_keep(*args, **kwargs):
     components = load(*args, **kwargs)
@@ -121,10 +121,10 @@ def test_allow_tf32_is_set_for_the_run_and_restored(make_config):
 
 
 def test_use_8bit_adam_without_bitsandbytes_is_named(make_config, monkeypatch):
-    import dcfast.config
+    import dcfast.training.preflight
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(dcfast.config.importlib.util, "find_spec",
+    monkeypatch.setattr(dcfast.training.preflight.importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match=r"use_8bit_adam: needs bitsandbytes, which is not installed; pip install "
                                          r"bitsandbytes, or set use_8bit_adam: false"):

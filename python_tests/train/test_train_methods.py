@@ -6,8 +6,9 @@ import torch
 from safetensors import safe_open
 
 import dcfast
-from dcfast.methods import METHODS
-from dcfast.runs import load_pipeline, load_tensors, read_run, task_dir
+from dcfast.training.methods import METHODS
+from dcfast.io.runs import Run, load_pipeline, load_tensors, task_dir
+from dcfast.training.config import TrainConfig
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -33,9 +34,12 @@ def test_two_tasks_end_to_end(make_config, method):
         recorded = json.loads((folder / "metrics.json").read_text())
         assert ("temperature" in recorded) == uses_dc and recorded.get("temperature", 1.0) > 0
 
-    tasks = read_run(config.output_dir)
-    assert [(t.token, t.prompt, t.class_prompt, t.finished) for t in tasks] == [
-        ("<v1>", "a photo of <v1> dog", "a photo of a dog", True), ("<v2>", "a photo of <v2> mug", "a photo of a mug", True)]
+    run = Run(config.output_dir)
+    tasks = run.tasks()
+    assert [(t.token, t.prompt, t.pretrained_concept_prompt) for t in tasks] == [
+        ("<v1>", "a photo of <v1> dog", "a photo of a dog"), ("<v2>", "a photo of <v2> mug", "a photo of a mug")]
+    assert run.finished_tasks() == [1, 2] and run.metrics(2)["task"] == 2
+    assert TrainConfig.from_dict(run.config()) == config  # run.json's config builds the run's config back
     pipe = load_pipeline(config.output_dir, 2)
     assert pipe.tokenizer.tokenize(tasks[0].prompt)[3] == "<v1>"
     # The pipeline's U-Net is the trained one: same noise prediction as the trainer's U-Net.
@@ -84,7 +88,7 @@ def test_missing_or_corrupt_outputs_are_named(make_config):
     with pytest.raises(FileNotFoundError, match="task 1 .* is not finished"):
         load_pipeline(config.output_dir, 1)
     with pytest.raises(FileNotFoundError, match="missing run file .*run.json"):
-        read_run(config.output_dir + "-other")
+        Run(config.output_dir + "-other").tasks()
 
 
 def test_finished_run_is_not_silently_overwritten(make_config):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcfast.config import TrainConfig
-from dcfast.models import load_components, tiny
+from dcfast.models.loading import load_components
+from dcfast.models.tiny import tiny
 
 REPO = "dcfast-test/tiny-sd"
 MAIN, DEV = "a" * 40, "b" * 40  # commit hashes of two snapshots: main = seed 0, dev = seed 1 (+ fp16 variant files)
@@ -92,8 +92,8 @@ def test_variant_loads_the_variant_files(offline):
 
 def test_train_and_reload_from_a_cached_hub_id(offline, make_config, tmp_path):
     """A run on a Hub id: validated, trained, and its task state rebuilt by load_pipeline from the same cache."""
-    from dcfast.runs import load_pipeline
-    from dcfast.trainer import train
+    from dcfast.io.runs import load_pipeline
+    from dcfast.training.trainer import train
 
     config = make_config("lora", words=("dog",), max_train_steps=1, pretrained_model_name_or_path=REPO,
                          revision="dev", variant="fp16")

@@ -1,11 +1,13 @@
-"""dcfast.models: the tiny SD-layout pipeline, saving it, and loading a local diffusers directory."""
+"""dcfast.models.loading: the tiny SD-layout pipeline, saving it, and loading a local diffusers directory."""
 import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dcfast.models import load_components, tiny
+from dcfast.models.loading import load_components
+
+from dcfast.models.tiny import tiny
 
 
 def test_tiny_tokenizer_knows_prompt_words_and_added_tokens():
@@ -47,7 +49,7 @@ def test_missing_model_dir(tmp_path):
 
 
 def test_tiny_tokenizer_keeps_every_word_whole():
-    from dcfast.models import TINY_WORDS, tiny_tokenizer
+    from dcfast.models.tiny import TINY_WORDS, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     split = [word for word in TINY_WORDS if tokenizer.tokenize(word) != [word + "</w>"]]
@@ -55,7 +57,7 @@ def test_tiny_tokenizer_keeps_every_word_whole():
 
 
 def test_model_fingerprint_follows_the_weights_not_the_path(model_dir, tmp_path, monkeypatch):
-    from dcfast import models
+    from dcfast.models import loading as models
 
     copy = tmp_path / "copy"
     shutil.copytree(model_dir, copy)

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from dcfast.models import tiny_scheduler, tiny_unet
-from dcfast.objectives import denoise_loss
+from dcfast.models.tiny import tiny_scheduler, tiny_unet
+from dcfast.training.objectives import denoise_loss
 
 
 def test_noise_offset_adds_a_per_image_channel_constant_to_eps():

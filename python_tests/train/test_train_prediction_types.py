@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from dcfast.models import load_components
-from dcfast.trainer import train
+from dcfast.models.loading import load_components
+from dcfast.training.trainer import train
 
 
 def _with_prediction(model_dir, tmp_path, kind):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dcfast.checkpoint import latest_checkpoint
-from dcfast.runs import finished_tasks, load_tensors, read_json, task_dir
-from dcfast.trainer import train
+from dcfast.training.checkpoint import latest_checkpoint
+from dcfast.io.runs import Run, load_tensors, read_json, task_dir
+from dcfast.training.trainer import train
 
 
 class Killed(Exception):
@@ -26,7 +26,7 @@ def test_resume_after_kill_equals_uninterrupted(make_config, tmp_path, method):
     killed = make_config(method, output_dir=str(tmp_path / "killed"), max_train_steps=4, checkpointing_steps=2)
     with pytest.raises(Killed):
         train(killed, step_callback=_kill_at(2, 3))  # task 1 done, task 2 checkpointed at step 2
-    assert finished_tasks(killed.output_dir) == [1]
+    assert Run(killed.output_dir).finished_tasks() == [1]
     assert latest_checkpoint(killed.output_dir).name == "task_2-step_2"
     redone = []
     result = train(killed.override(resume_from_checkpoint="latest"), step_callback=lambda t, s, m: redone.append((t, s)))
@@ -54,7 +54,7 @@ def test_resume_rejects_a_changed_config(make_config):
 def test_resume_rejects_a_base_model_replaced_at_the_same_path(make_config, model_dir, tmp_path):
     import shutil
 
-    from dcfast.models import tiny
+    from dcfast.models.tiny import tiny
 
     base = tmp_path / "base"
     shutil.copytree(model_dir, base)
@@ -67,7 +67,7 @@ def test_resume_rejects_a_base_model_replaced_at_the_same_path(make_config, mode
     tiny(seed=1).save_pretrained(base)  # other weights, same path and layout
     with pytest.raises(ValueError, match="other weights than the run .* was trained on .*original base model"):
         train(config.override(resume_from_checkpoint="latest"))
-    assert finished_tasks(config.output_dir) == [1]  # nothing of the run was touched
+    assert Run(config.output_dir).finished_tasks() == [1]  # nothing of the run was touched
     assert read_json(f"{config.output_dir}/run.json")["base_model_fingerprint"] == trained_on
 
 
@@ -76,5 +76,5 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_config):
                          learning_rate=1e30, token_learning_rate=1e30)
     with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at task 1 step \d.*Last good checkpoint: .*task_1-step_\d"):
         train(config)
-    assert finished_tasks(config.output_dir) == []
+    assert Run(config.output_dir).finished_tasks() == []
     assert latest_checkpoint(config.output_dir) is not None

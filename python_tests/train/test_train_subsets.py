@@ -2,17 +2,16 @@
 import pytest
 import torch
 
-from dcfast.config import TrainConfig
-from dcfast.methods import TaskData
-from dcfast.methods.dsc import Distiller
-from dcfast.methods.ewc_dc import ewc_dc_concepts
+from dcfast.training.methods import TaskData
+from dcfast.training.methods.dsc import Distiller, DSCSettings
+from dcfast.training.methods.ewc_dc import ewc_dc_concepts
 
 PAST = ["c1", "c2", "c3", "c4"]
 
 
 def _task(num_past):
     """Task n = num_past + 1: c_n = 'cn', c_0 = 'c0', earlier prompts c1 .. c_{n-1}."""
-    return TaskData(index=num_past + 1, latents=torch.zeros(1), prompt="cn", class_prompt="c0",
+    return TaskData(index=num_past + 1, latents=torch.zeros(1), prompt="cn", pretrained_concept_prompt="c0",
                     past_prompts=PAST[:num_past])
 
 
@@ -54,7 +53,7 @@ def test_ewc_dc_subset_random_per_step():
     (4, 4, 3, ["cn", "c0", "c4", "c3"]),
 ])
 def test_dsc_subset(k, num_past, m, expected):
-    distiller = Distiller(TrainConfig(num_dc_concepts=k), models=None)
+    distiller = Distiller(config=None, settings=DSCSettings(num_dc_concepts=k), models=None)
     concepts = distiller.concepts(_task(num_past), m)
     assert concepts == expected
     assert concepts[distiller.m_column()] == PAST[m]  # where step_loss reads T2's concept c_m

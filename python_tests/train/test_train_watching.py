@@ -7,7 +7,7 @@ import pytest
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
-from dcfast.runs import read_json, task_dir
+from dcfast.io.runs import read_json, task_dir
 
 
 class RecordingTracker(GeneralTracker):
@@ -40,8 +40,8 @@ class RecordingTracker(GeneralTracker):
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, model_dir, concepts):
     """One 2-task DSC+EWC-DC run with validation prompts, logged to a RecordingTracker."""
-    import dcfast.trainer as trainer
-    from dcfast.config import TrainConfig
+    import dcfast.training.trainer as trainer
+    from dcfast.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("watched") / "run"
     config = TrainConfig.from_dict(dict(
@@ -64,11 +64,11 @@ def watched(tmp_path_factory, model_dir, concepts):
 def test_each_training_step_logs_its_loss_and_parts(watched):
     config, tracker, result = watched
     train = {step: values for step, values in tracker.scalars if "loss" in values}
-    per_task = config.max_train_steps + config.dsc_iterations  # run-wide step axis: task n starts at (n-1)*per_task
+    per_task = config.max_train_steps + config.method_settings.dsc_iterations  # run-wide: task n starts at (n-1)*per_task
     assert sorted(train) == [1, 2, 3, per_task + 1, per_task + 2, per_task + 3]
     for step, values in train.items():
         assert {"loss/denoise", "loss/dc", "loss/penalty", "lr", "task"} <= set(values)
-        total = values["loss/denoise"] + config.delta * values["loss/dc"] + values["loss/penalty"]
+        total = values["loss/denoise"] + config.method_settings.delta * values["loss/dc"] + values["loss/penalty"]
         assert values["loss"] == pytest.approx(total, rel=1e-5)
         assert values["task"] == (1 if step <= per_task else 2)
     assert all(train[s]["loss/penalty"] == 0 for s in (1, 2, 3))  # no Fisher before task 1 ends
@@ -84,14 +84,15 @@ def test_each_training_step_logs_its_loss_and_parts(watched):
 
 def test_each_distillation_iteration_logs_the_dsc_terms(watched):
     config, tracker, result = watched
-    per_task = config.max_train_steps + config.dsc_iterations
+    per_task = config.max_train_steps + config.method_settings.dsc_iterations
     distill = {step: values for step, values in tracker.scalars if any(k.startswith("distill/") for k in values)}
     assert sorted(distill) == [per_task + config.max_train_steps + 1, per_task + config.max_train_steps + 2]  # task 2 only
     for values in distill.values():
         terms = {k.split("/", 1)[1]: v for k, v in values.items()}
         assert set(terms) == {"dsc_kl_t1", "dsc_kl_t2", "dsc_mse_t1", "dsc_mse_t2", "dsc_loss", "dsc_penalty"}
-        expected = (config.dsc_alpha * (terms["dsc_kl_t1"] + terms["dsc_kl_t2"])
-                    + config.dsc_beta * (terms["dsc_mse_t1"] + terms["dsc_mse_t2"]))
+        settings = config.method_settings
+        expected = (settings.dsc_alpha * (terms["dsc_kl_t1"] + terms["dsc_kl_t2"])
+                    + settings.dsc_beta * (terms["dsc_mse_t1"] + terms["dsc_mse_t2"]))
         assert terms["dsc_loss"] == pytest.approx(expected, rel=1e-5)
         assert terms["dsc_penalty"] > 0
     last = {k.split("/", 1)[1]: v for k, v in distill[max(distill)].items()}
@@ -104,7 +105,7 @@ def test_each_distillation_iteration_logs_the_dsc_terms(watched):
 
 def test_validation_grids_and_tracker_images(watched):
     config, tracker, _ = watched
-    per_task = config.max_train_steps + config.dsc_iterations
+    per_task = config.max_train_steps + config.method_settings.dsc_iterations
     assert [step for step, _ in tracker.images] == [per_task, 2 * per_task]
     rows_per_task = {1: ["validation/prompt_0", "validation/prompt_1"],  # "<v2> mug" waits for task 2
                      2: ["validation/prompt_0", "validation/prompt_1", "validation/prompt_2"]}
@@ -158,11 +159,9 @@ def test_bad_validation_fields(make_config, fields, expected):
 
 def test_steps_are_one_increasing_axis():
     """Training steps, DSC iterations and the next task never share or reverse a step number (wandb drops those)."""
-    from types import SimpleNamespace
+    from dcfast.training.monitor import StepAxis
 
-    from dcfast.monitor import distill_step, train_step
-
-    config = SimpleNamespace(max_train_steps=5, dsc_iterations=3)
-    axis = [s for n in (1, 2, 3) for s in [train_step(config, n, k) for k in range(1, 6)]
-            + [distill_step(config, n, m) for m in range(1, 4)]]
-    assert axis == list(range(1, 25)) and not math.isnan(sum(axis))
+    axis = StepAxis(train_steps=5, consolidation_steps=3)
+    steps = [s for n in (1, 2, 3) for s in [axis.train_step(n, k) for k in range(1, 6)]
+             + [axis.consolidation_step(n, m) for m in range(1, 4)]]
+    assert steps == list(range(1, 25)) and not math.isnan(sum(steps))

@@ -1,0 +1,6 @@
+"""`python -m dcfast.cli ...` = `dcfast ...`."""
+import sys
+
+from dcfast.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""`dcfast demo`: continual personalization end to end on a CPU, with nothing to download.
+
+1. Write the concepts: by default a task sequence of the tiny world (`dcfast.world.scenes`, docs/world.md), where
+   the oracle judges fidelity; with `photos=True`, photos from scikit-image (`dcfast.experiments.photos`).
+2. Train every task in order with `dcfast.train` on the tiny base model shipped in the package
+   (`dcfast/assets/tiny-base`, made by scripts/pretrain_tiny_base.py).
+3. Evaluate every task state (`dcfast.evaluate`: fidelity on the world, accuracy and MMD matrices,
+   AMMD, BwT, forgetting) and write the report (`dcfast.eval.report`); with several methods, also the
+   comparison table and plot.
+
+Training settings for the world and for photos come from `dcfast.experiments.regimes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from dcfast.experiments.regimes import PHOTO_TRAIN, WORLD_TRAIN, train_values
+from dcfast.io.runs import DEFAULT_GUIDANCE_SCALE, EVAL_DIR, METRICS_FILE, Run
+
+BASE_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"
+DEFAULT_METHOD = "ewc-dc"
+DEFAULT_SEQUENCE = "same-class-test"  # the hard case: every concept a star
+
+@dataclass
+class DemoConfig:
+    """Settings of `dcfast demo` (and of `dcfast bench methods`, which repeats it over seeds)."""
+
+    output_dir: str = "dcfast-demo"
+    methods: Sequence[str] = (DEFAULT_METHOD,)
+    sequence: str = DEFAULT_SEQUENCE  # a world sequence (dcfast.world.scenes.SEQUENCES); ignored with photos
+    photos: bool = False  # the photo concepts (cat, cup, rocket, horse, person, motorcycle) instead of the world
+    num_tasks: Optional[int] = None  # concepts learned in sequence (None: the whole world sequence, 3 photos)
+    max_train_steps: Optional[int] = None  # per task (None: WORLD_TRAIN's or PHOTO_TRAIN's)
+    seed: int = 0
+    num_train_images: int = 8  # images per concept for training
+    num_eval_images: int = 8  # held-out images per concept for accuracy and MMD
+    num_images: int = 8  # generated images per (concept, task state) for MMD
+    fidelity_images: int = 32  # world: generated images per (concept, task state) the oracle judges
+    num_inference_steps: int = 20  # DDIM steps when generating
+    base_model: str = str(BASE_MODEL)
+    train_overrides: Dict[str, object] = field(default_factory=dict)  # further TrainConfig fields
+    progress: bool = True
+
+
+def check_base_model(path: str) -> Path:
+    """The base model directory, or a ValueError saying how to produce it."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"base_model: {str(path)!r} holds no diffusers model (model_index.json missing); the "
+                         f"package ships one at {BASE_MODEL}, rebuilt by `python scripts/pretrain_tiny_base.py`")
+    return path
+
+
+def write_concepts(config: DemoConfig) -> List[Dict[str, str]]:
+    """The concepts as PNGs under output_dir/concepts: the world sequence's renders (32x32), or photo crops
+    at the base model's resolution."""
+    folder = Path(config.output_dir) / "concepts"
+    if not config.photos:
+        from dcfast.world.scenes import write_sequence
+
+        return write_sequence(folder, config.sequence, num_train=config.num_train_images,
+                              num_eval=config.num_eval_images, seed=config.seed, num_tasks=config.num_tasks)
+    from dcfast.experiments.photos import write_demo_concepts
+    from dcfast.models.loading import load_components
+
+    resolution = load_components(check_base_model(config.base_model)).resolution
+    return write_demo_concepts(folder, num_tasks=config.num_tasks or 3, resolution=resolution,
+                               num_train=config.num_train_images, num_eval=config.num_eval_images, seed=config.seed)
+
+
+def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str):
+    """The TrainConfig of one method's run (`regimes.train_values`; the settings other methods read dropped)."""
+    from dcfast.training.config import TrainConfig
+
+    values = train_values(method, config.photos, config.train_overrides, config.max_train_steps)
+    values.update(pretrained_model_name_or_path=str(check_base_model(config.base_model)), output_dir=run_dir,
+                  method=method, tasks=tasks, seed=config.seed)
+    return TrainConfig.from_dict(values, ignore_other_methods=True)
+
+
+def evaluation_config(config: DemoConfig):
+    """The EvalConfig of every run of the demo: it samples with the regime's validation guidance."""
+    from dcfast.eval.evaluation import EvalConfig
+
+    regime = {**(PHOTO_TRAIN if config.photos else WORLD_TRAIN), **config.train_overrides}
+    return EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=regime.get("validation_guidance_scale", DEFAULT_GUIDANCE_SCALE),
+                      max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
+                      fidelity_images=config.fidelity_images)
+
+
+def _as_json(value: object) -> object:
+    return json.loads(json.dumps(value))
+
+
+def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
+    """The stored summary of a run in `run_dir` that was trained with exactly `train_settings` on the same base
+    model weights (run.json's fingerprint: a base replaced at the same path is not the same) and evaluated with
+    `eval_config` (progress display aside), or None (absent, unfinished or different)."""
+    from dcfast.models.loading import model_fingerprint
+    from dcfast.training.config import TrainConfig
+
+    run = Run(run_dir)
+    try:
+        trained = TrainConfig.from_dict(run.config(), ignore_other_methods=True)
+        metrics = run.evaluation()
+        fingerprint = run.fingerprint()
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if fingerprint != model_fingerprint(train_settings.pretrained_model_name_or_path):
+        return None
+    wanted = {k: v for k, v in _as_json(dataclasses.asdict(eval_config)).items() if k != "progress"}
+    if _as_json(trained.to_dict()) != _as_json(train_settings.to_dict()) or not all(
+            metrics.get("config", {}).get(k) == v for k, v in wanted.items()):
+        return None
+    summary = metrics.get("summary", {})
+    return summary if "train_seconds" in summary else None
+
+
+def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str,
+               log: Callable[[str], None] = print, reuse: bool = False) -> Dict[str, object]:
+    """Train one method on the tasks, evaluate every task state, write its report.
+
+    `reuse`: a finished run already in `run_dir` with the same training and evaluation settings is
+    returned as it is (a killed benchmark resumes without redoing its finished runs).
+    Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
+    """
+    from dcfast.eval.evaluation import evaluate
+    from dcfast.eval.report import write_report
+    from dcfast.training.trainer import train
+
+    train_settings, eval_config = train_config(config, method, tasks, run_dir), evaluation_config(config)
+    stored = finished_summary(run_dir, train_settings, eval_config) if reuse else None
+    if stored is not None:
+        log(f"[{method}] reusing the finished run in {run_dir}")
+        eval_dir = Path(run_dir) / EVAL_DIR
+        return {"method": method, "run_dir": run_dir, "summary": stored,
+                "report": {"report": str(eval_dir / "report.md"), "metrics": str(eval_dir / METRICS_FILE)}}
+    (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
+    log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
+    started = time.perf_counter()
+    train(train_settings)
+    train_seconds = time.perf_counter() - started
+    log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
+    result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
+    result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
+    paths = write_report(result)
+    log(f"[{method}] evaluated in {result.summary['eval_seconds']:.0f} s; report {paths['report']}")
+    return {"method": method, "run_dir": run_dir, "summary": dict(result.summary), "report": paths}
+
+
+SUMMARY_COLUMNS = (("final_fidelity", "final fidelity"), ("fidelity_forgetting", "fidelity forgetting"),
+                   ("ammd", "AMMD"), ("bwt_mmd", "BwT-MMD"), ("final_accuracy", "final acc"),
+                   ("forgetting", "forgetting"), ("train_seconds", "train s"), ("eval_seconds", "eval s"))
+
+
+def summary_table(runs: List[Dict[str, object]]) -> str:
+    """A markdown table: one row per method with its summary metrics."""
+    def fmt(value):
+        return "–" if value is None or value != value else f"{value:.4g}"
+    lines = ["| method | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |",
+             "|---|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += [f"| {r['method']} | " + " | ".join(fmt(r["summary"].get(k)) for k, _ in SUMMARY_COLUMNS) + " |"
+              for r in runs]
+    return "\n".join(lines)
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Concepts -> train -> evaluate -> report for each method of `config`; with several, a comparison.
+
+    Returns {"runs": [run_method results], "table": markdown summary, "compare": paths or None}.
+    """
+    from dcfast.training.methods import get_method
+
+    for method in config.methods:
+        get_method(method)  # unknown names fail before any work
+    check_base_model(config.base_model)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tasks = write_concepts(config)
+    log(f"demo: {len(tasks)} concepts ({', '.join(t['class_word'] for t in tasks)}) written to "
+        f"{Path(config.output_dir) / 'concepts'}; base model {config.base_model}")
+    runs = [run_method(config, method, tasks, str(Path(config.output_dir) / method.replace("+", "_")), log)
+            for method in config.methods]
+    compare_paths = None
+    if len(runs) > 1:
+        from dcfast.eval.report import compare
+
+        compare_paths = compare([r["run_dir"] for r in runs], str(Path(config.output_dir) / "compare"))
+    return {"runs": runs, "table": summary_table(runs), "compare": compare_paths}
+
+
+def replace(config: DemoConfig, **changes) -> DemoConfig:
+    """A copy of `config` with `changes` (None values ignored)."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})

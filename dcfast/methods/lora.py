@@ -1,8 +1,0 @@
-"""Sequential LoRA (baseline): one LoRA carried from task to task, plain denoising loss (DESIGN 1)."""
-from dcfast.methods.base import Method
-
-
-class SequentialLoRA(Method):
-    """L = L_denoise under c_n; nothing is consolidated between tasks."""
-
-    name = "lora"

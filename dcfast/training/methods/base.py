@@ -1,0 +1,137 @@
+"""The method interface: what the trainer calls, and the models and task data it hands over.
+
+The trainer owns the loop (optimizer, accumulation, checkpoints); a method owns its loss and its
+consolidation between tasks:
+
+    method.begin_task(task)            before task n's first step
+    loss, logs = method.loss(x0)       every micro-step, on a batch of the task's latents
+    metrics = method.end_task(task, log)   after the last step (the token is already frozen): Fisher, DSC;
+                                       `log(parts)` records each consolidation step's loss parts
+    method.state_dict() / load_state_dict(state)   what a resume at a task boundary needs
+    method.export_lora()               the LoRA to write as task n's pytorch_lora_weights.safetensors
+
+A method owns its settings: `Settings`, a dataclass in the method's own file (the reason beside each default),
+which the run config holds as `config.method_settings` and the method reads as `self.settings`. Adding a method
+is its file and one line of the registry (`dcfast.training.methods.REGISTRY`): flags, YAML, validation, `--help`
+and the resume comparison follow from `Settings`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+
+from dcfast.training.adapters import lora_parameters, lora_state
+from dcfast.training.objectives import denoise_loss
+from dcfast.training.settings import MethodSettings
+from dcfast.models.prompts import encode_prompts
+from dcfast.training.tokens import ModifierToken
+
+
+@dataclass
+class Models:
+    """The frozen base model with its LoRA adapter, as every method sees it."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    accelerator: object
+    token: Optional[ModifierToken] = None  # the current task's trainable token
+
+    def encode(self, prompts: List[str]) -> torch.Tensor:
+        """(K, L, D) conditions; gradients reach the current token's embedding where it occurs."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+    def lora(self) -> Dict[str, torch.nn.Parameter]:
+        return lora_parameters(self.unet)
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def average_gradients(self, params: List[torch.nn.Parameter]) -> None:
+        """All-reduce (mean) the gradients of `params` over processes, in one flat buffer.
+
+        The U-Net is not wrapped in DDP: the DC engine and the Fisher hooks need the bare module.
+        """
+        if self.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = piece.view_as(p).clone()
+
+
+@dataclass
+class TaskData:
+    """Task n as the methods see it: images in model space, prompts, and this task's generators."""
+
+    index: int  # n, 1-based
+    latents: torch.Tensor  # (N, C, h, w): every image of the task (VAE latents, or pixels without a VAE)
+    prompt: str  # c_n, e.g. "a photo of <v2> mug"
+    pretrained_concept_prompt: str  # c_0, e.g. "a photo of a mug"
+    past_prompts: List[str] = field(default_factory=list)  # c_1 .. c_{n-1}
+    generator: torch.Generator = None  # this process's stream: batches, noise, timesteps
+    shared_generator: torch.Generator = None  # identical on every process: subsets S, DSC teacher draws
+    seed: int = 0  # base seed of per-image Fisher noise (same on every process)
+
+
+LogParts = Callable[[Dict[str, float]], None]
+
+
+class Method:
+    """Sequential LoRA's behaviour; subclasses add penalties and consolidation."""
+
+    name: ClassVar[str] = ""
+    random_token_init: ClassVar[bool] = False  # C-LoRA: modifier tokens start random
+    Settings: ClassVar[Type[MethodSettings]] = MethodSettings  # the settings this method reads (none here)
+
+    def __init__(self, config, models: Models):
+        self.config, self.models = config, models
+        self.settings = config.method_settings
+        if type(self.settings) is not self.Settings:
+            raise TypeError(f"method {self.name!r} reads {self.Settings.__name__}, got "
+                            f"{type(self.settings).__name__}; build the config with method={self.name!r}")
+        self.task: Optional[TaskData] = None
+
+    def begin_task(self, task: TaskData) -> None:
+        self.task = task
+
+    def denoise(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_denoise on this batch under c_n."""
+        cond = self.models.encode([self.task.prompt])[0]
+        return denoise_loss(self.models.unet, self.models.noise_scheduler, x0, cond, self.task.generator,
+                            self.config.noise_offset)
+
+    def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        loss = self.denoise(x0)
+        return loss, {"denoise": loss.item()}
+
+    def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
+        """Consolidate after the task; `log(parts)` (if given) receives each consolidation step's loss parts."""
+        return {}
+
+    def consolidation_steps(self) -> int:
+        """Steps `end_task` logs per task (0 without a consolidation loop): the run-wide step axis leaves room."""
+        return 0
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)[:3]}")
+
+    def fisher_state(self) -> Dict[str, torch.Tensor]:
+        """What task_{n}/fisher.safetensors holds (empty for methods without a Fisher)."""
+        return {}
+
+    def export_lora(self) -> Tuple[Dict[str, torch.Tensor], int, int]:
+        """(LoRA tensors by U-Net parameter name, rank, alpha) of the model after this task."""
+        return lora_state(self.models.unet), self.config.rank, self.config.resolved_lora_alpha()

@@ -1,0 +1,178 @@
+"""EWC-DC: EWC whose Fisher and extra loss term come from DC scores (docs/design.md).
+
+    L = L_denoise + delta * [pull + push] + (lambda/2) sum F_DC (theta - theta*)^2
+
+over S = c_n, c_0 and up to k-2 earlier concepts (k = num_dc_concepts). pull = H(p_theta(.|x0), c_n)
+(against a smoothed target with dc_label_smoothing); push over i in S, i != n, per dc_push: the spec's
+-H(p, c_i), the bounded -log(1 - p(c_i)), or nothing (see `dcfast.training.objectives.dc_term`).
+F_DC = per-sample Fisher of H(p_theta(.|x0), c_n) over the task's images, merged online like EWC.
+tau is the task's (numeric, or "auto": measured at the task's start, `measure_temperature`).
+
+The DC-score settings (`DCScoreSettings`: k, T, tau, the error's loss, chunking) are EWC-DC's and DSC's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from dcfast.engine.scores import dc_scores
+from dcfast.training.methods.base import LogParts, TaskData
+from dcfast.training.methods.ewc import EWC, EWCSettings
+from dcfast.training.objectives import (dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs,
+                                     rows_denoise_loss, temperature_from_errors)
+from dcfast.training.settings import MethodSettings, is_number, setting
+
+
+@dataclass
+class DCScoreSettings(MethodSettings):
+    """The DC scores of a method's loss (EWC-DC, DSC): random (t, eps) pairs during training (docs/design.md)."""
+
+    num_dc_timesteps: int = setting(4, at_least=1)  # T pairs per image per step: 4 keeps a step ~k*T U-Net rows per image
+    num_dc_concepts: int = setting(4, at_least=2)  # k = |S| (fewer while fewer concepts exist); 4 bounds cost as tasks grow. EWC-DC:
+    #   c_n, c_0 and k-2 earlier concepts. DSC: c_n, c_0, T2's c_m and k-3 other earlier ones; k = 2 is c_n, c_m
+    # tau: a number, or "auto": at each task's start, tau = auto_temperature_scale x the RMS over images, concepts
+    # k != n and (t, eps) pairs of err_k - err_n, measured once (no grad) with the model as the task finds it,
+    # on every image of the task, S as EWC-DC's Fisher uses it, num_dc_timesteps evenly strided pairs. The task's
+    # loss, Fisher and DSC distillation all use that tau; metrics.json records it. Default "auto": tau = 1 gave
+    # near-uniform softmaxes on the first demo (p(c_n) ~ 1/K); auto gives ~5e-4..1e-3 on the world, and delta and
+    # dsc_alpha are set on that scale (benchmarks/methods_tuning.md).
+    temperature: Union[float, str] = "auto"
+    # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1. EWC-DC on same-class-val: scale 0.3 /
+    # 1 / 3 gave final fidelity 0.70 / 0.73 / 0.74; 3 did not hold on distinct-class-val (0.44 vs 0.46), so 1 stays.
+    auto_temperature_scale: float = setting(1.0, positive=True)
+    dc_loss: str = setting("l2", choices=("l2", "l1", "huber"))  # the DC error's per-pixel loss, as the denoising loss
+    dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: autotuned; set it to pin results bitwise)
+    # EWC-DC's denoising loss and DSC's noise distillation (the beta terms) read from the DC pass's own rows under
+    # c_n (and c_m) instead of separate U-Net calls: the same (t, eps) pairs, no extra U-Net rows per step. EWC-DC's
+    # denoising loss then averages num_dc_timesteps pairs per image instead of one, without offset noise.
+    dc_denoise_rows: bool = False
+
+    def problems(self, config) -> List[str]:
+        found = super().problems(config)
+        if self.temperature != "auto" and (not is_number(self.temperature) or self.temperature <= 0):
+            found.append(f"temperature: must be a number > 0 or 'auto', got {self.temperature!r}")
+        if self.dc_denoise_rows is True and is_number(config.noise_offset) and config.noise_offset > 0:
+            found.append("dc_denoise_rows: the DC pass's noise has no offset, so its c_n rows cannot give the "
+                         "offset-noise denoising loss; set noise_offset to 0 or dc_denoise_rows to false")
+        return found
+
+
+@dataclass
+class EWCDCSettings(EWCSettings, DCScoreSettings):
+    """EWC-DC's settings: EWC's, the DC scores', and the DC term's."""
+
+    # delta: EWC-DC's DC-term weight. The term's gradient is ~ delta / tau times the denoising loss's, and auto tau
+    # is ~5e-4..1e-3 on the world, so delta ~ tau puts the two on one scale. Chosen on same-class-val
+    # (scripts/tune_methods.py, benchmarks/methods_tuning.md; lambda 1): final fidelity 0.73 at 1e-3, 0.63 at 1e-4;
+    # at the old 0.1 no concept after the first was learned (0.00-0.02).
+    delta: float = setting(1e-3, nonnegative=True)
+    # EWC-DC's term for the earlier concepts and c_0 (i != n): "spec" = the paper's -H(p, c_i), unbounded below
+    # (the loss falls as the U-Net predicts worse under c_i); "complement" = -log(1 - p(c_i)) (unlikelihood),
+    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Chosen on same-class-val (delta
+    # 1e-3, lambda 1): final fidelity complement 0.73, none 0.71, spec 0.00 (it erased every concept, the first too).
+    dc_push: str = setting("complement", choices=("spec", "complement", "none"))
+    # eps: the pull is the cross-entropy against q_n = 1 - eps, q_i = eps/(|S|-1); 0 = spec. Same-class-val: 0.1 gave
+    # final fidelity 0.62 against 0.73 at 0.
+    dc_label_smoothing: float = 0.0
+    # Weight of c_0's push term (earlier concepts' terms weigh 1); 1 = the spec's equal weights. Same-class-val:
+    # 0.3 / 1 / 3 gave final fidelity 0.72 / 0.73 / 0.60 (forgetting 0 / 0.01 / 0.01): 1 stays.
+    dc_c0_weight: float = setting(1.0, nonnegative=True)
+
+    def problems(self, config) -> List[str]:
+        found = super().problems(config)
+        if not is_number(self.dc_label_smoothing) or not 0 <= self.dc_label_smoothing < 1:
+            found.append(f"dc_label_smoothing: must lie in [0, 1), got {self.dc_label_smoothing!r}")
+        return found
+
+
+def ewc_dc_concepts(task: TaskData, k: int, generator: Optional[torch.Generator]) -> List[str]:
+    """S: [c_n, c_0] + min(k-2, n-1) earlier prompts, in task order (random with `generator`, else the most recent)."""
+    past, extra = task.past_prompts, max(0, k - 2)
+    if len(past) <= extra:
+        chosen = list(past)
+    elif generator is None:
+        chosen = past[len(past) - extra:]
+    else:
+        chosen = [past[i] for i in sorted(torch.randperm(len(past), generator=generator)[:extra].tolist())]
+    return [task.prompt, task.pretrained_concept_prompt] + chosen
+
+
+@torch.no_grad()
+def measure_temperature(settings: DCScoreSettings, models, task: TaskData) -> float:
+    """The task's tau: `settings.temperature` when numeric; for "auto", measured once on every image of the task
+    over S = `ewc_dc_concepts(task, k, None)`, before any step.
+
+    The (t, eps) pairs are `fisher_pairs` with num_dc_timesteps evenly strided t and noise seeded by
+    (task seed, image id): the same tau on every process, on a resume, and whatever the training streams draw.
+    """
+    if settings.temperature != "auto":
+        return float(settings.temperature)
+    conds = models.encode(ewc_dc_concepts(task, settings.num_dc_concepts, None))
+    latents, scheduler = task.latents, models.noise_scheduler
+    t, noise = fisher_pairs(scheduler, latents, range(latents.shape[0]), settings.num_dc_timesteps, task.seed)
+    err = dc_scores(models.unet, scheduler, latents, conds, timesteps=t, noise=noise, loss=settings.dc_loss,
+                    max_batch=settings.dc_max_batch)
+    return settings.auto_temperature_scale * temperature_from_errors(err)
+
+
+class EWCDC(EWC):
+    """EWC with the DC pull/push term and the DC-classification Fisher."""
+
+    name = "ewc-dc"
+    Settings = EWCDCSettings
+
+    def begin_task(self, task: TaskData) -> None:
+        super().begin_task(task)
+        self.temperature = measure_temperature(self.settings, self.models, task)
+
+    def concepts(self, task: TaskData, generator: Optional[torch.Generator]) -> List[str]:
+        return ewc_dc_concepts(task, self.settings.num_dc_concepts, generator)
+
+    def dc_loss(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The DC term for conditions `conds` (K, L, D) ordered [c_n, c_0, earlier ...]."""
+        models, settings = self.models, self.settings
+        log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
+                                 self.temperature, settings.dc_loss, settings.dc_max_batch)
+        return dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight)
+
+    def denoise_and_dc(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
+                       noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """dc_denoise_rows: (L_denoise over the DC pass's own c_n rows, the DC term), one U-Net pass for both."""
+        models, settings = self.models, self.settings
+        log_probs, (rows,) = dc_log_probs_and_rows(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
+                                                   self.temperature, (0,), settings.dc_loss, settings.dc_max_batch)
+        denoise = rows_denoise_loss(models.noise_scheduler, x0, timesteps, noise, rows)
+        return denoise, dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight)
+
+    def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        task, settings = self.task, self.settings
+        conds = self.models.encode(self.concepts(task, task.shared_generator))
+        timesteps, noise = random_pairs(self.models.noise_scheduler, x0, settings.num_dc_timesteps, task.generator)
+        if settings.dc_denoise_rows:
+            denoise, dc = self.denoise_and_dc(x0, conds, timesteps, noise)
+        else:
+            denoise, dc = self.denoise(x0), self.dc_loss(x0, conds, timesteps, noise)
+        penalty = self.penalty()
+        total = denoise + settings.delta * dc + penalty
+        return total, {"denoise": denoise.item(), "dc": dc.item(), "penalty": penalty.item()}
+
+    def fisher_losses(self, task: TaskData) -> Callable[[List[int]], torch.Tensor]:
+        """Per-sample H(p_theta(.|x0), c_n) over S, each image's K*T rows in one unchunked pass."""
+        models, settings = self.models, self.settings
+        with torch.no_grad():
+            conds = models.encode(self.concepts(task, None))
+
+        def losses(ids: List[int]) -> torch.Tensor:
+            x0 = task.latents[ids]
+            t, noise = fisher_pairs(models.noise_scheduler, x0, ids, settings.fisher_num_timesteps, task.seed)
+            rows = len(ids) * conds.shape[0] * t.shape[1]  # unchunked: one forward holds every sample's rows
+            log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, t, noise,
+                                     self.temperature, settings.dc_loss, max_batch=rows)
+            return -log_probs[:, 0]
+
+        return losses
+
+    def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
+        return {**super().end_task(task, log), "temperature": self.temperature}

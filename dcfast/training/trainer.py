@@ -1,0 +1,430 @@
+"""`dcfast.train(config)`: continual personalization, one task after another, through accelerate.
+
+Reads like a diffusers training example: load -> freeze -> add adapter -> (per task) token, data,
+optimizer -> accelerator.prepare -> the loop -> consolidation -> outputs. The method (dcfast.training.methods)
+supplies the loss and the between-task consolidation; everything else lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from dcfast.training import checkpoint as ckpt
+from dcfast.training import monitor
+from dcfast.training.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
+from dcfast.training.config import RENAMED, TrainConfig
+from dcfast.training.settings import resumable
+from dcfast.io.images import augment, load_images, load_resized
+from dcfast.training.methods import Method, Models, TaskData, get_method
+from dcfast.models.loading import Components, load_components
+from dcfast.io.runs import (CONFIG_FILE, EMBEDS_FILE, FISHER_FILE, LORA_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
+                            TASK_EVAL_FILE, Run, Task, load_tensors, save_tensors, task_dir, write_json)
+from dcfast.training.tokens import ModifierToken, add_token, class_word_embedding, random_embedding, set_embedding
+
+logger = monitor.process_logger(__name__)
+StepCallback = Callable[[int, int, Models], None]
+# diffusers' weight_dtype: under mixed precision the frozen weights are cast to it (the LoRA and the token stay fp32).
+WEIGHT_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its folder, one output folder and metrics dict per task, the live method."""
+
+    output_dir: Path
+    task_dirs: List[Path] = field(default_factory=list)
+    metrics: List[Dict[str, float]] = field(default_factory=list)
+    method: Optional[Method] = None
+    loss_curve: Optional[Path] = None  # output_dir/loss_curve.png
+
+
+def _generator(seed: int, task: int, stream: int) -> torch.Generator:
+    """A CPU generator per (seed, task, stream): stream 0 is shared by all processes, 1 + rank is local."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task * 10_007 + stream)
+
+
+def _cpu_only() -> bool:
+    """No GPU-like device: tell accelerate, so that several processes (torchrun) use gloo on the CPU."""
+    api = getattr(torch, "accelerator", None)
+    return api.current_accelerator() is None if api is not None else not torch.cuda.is_available()
+
+
+def _task_plan(config: TrainConfig) -> List[Task]:
+    """Every task numbered, with its token and prompts (what run.json records and `Run.tasks` returns)."""
+    plan = []
+    for i, task in enumerate(config.tasks, start=1):
+        token = config.token_template.format(index=i)
+        plan.append(Task(index=i, token=token, class_word=task.class_word, prompt=task.task_prompt(token),
+                         pretrained_concept_prompt=config.pretrained_concept_prompt.format(class_word=task.class_word),
+                         images=Path(task.images), eval_images=Path(task.eval_images) if task.eval_images else None))
+    return plan
+
+
+def _check_resumable(config: TrainConfig, fingerprint: Optional[str]) -> None:
+    """Refuse to continue a run with another config or with a base model replaced since (run.json records both)."""
+    run = Run(config.output_dir)
+    run_file = run.path / RUN_FILE
+    if not run_file.is_file():
+        return
+    trained_on = run.fingerprint()  # absent in runs written before it was recorded
+    if trained_on is not None and fingerprint is not None and trained_on != fingerprint:
+        raise ValueError(f"resume_from_checkpoint: the base model {config.pretrained_model_name_or_path!r} has other "
+                         f"weights than the run in {str(config.output_dir)!r} was trained on (fingerprint "
+                         f"{fingerprint}, the run recorded {trained_on}); resume with the original base model or "
+                         f"choose a new output_dir")
+    recorded = run.config()
+    for old, new in RENAMED.items():  # a run written before the rename
+        if old in recorded:
+            recorded.setdefault(new, recorded.pop(old))
+    # fields added since the run was written had their defaults; runs before per-method settings recorded all
+    previous = TrainConfig.from_dict(recorded, ignore_other_methods=True)
+    # another method's settings are not comparable with this one's: then the method itself is the change
+    compared = config.flat() if previous.method == config.method else {
+        name: getattr(config, name) for name in config.__dataclass_fields__ if name != "method_settings"}
+    before = previous.flat()
+    changed = sorted(name for name, value in compared.items()
+                     if not (name in config.__dataclass_fields__ and resumable(TrainConfig, name))
+                     and before.get(name) != value)
+    if changed:
+        raise ValueError(f"resume_from_checkpoint: {str(run_file)!r} was trained with different "
+                         f"{', '.join(changed)}; resume with the same config or choose a new output_dir")
+
+
+def _encode_images(components: Components, images: torch.Tensor) -> torch.Tensor:
+    """Model-space x0: VAE latents (distribution mode x scaling factor), or the pixels without a VAE."""
+    if components.vae is None:
+        return images
+    with torch.no_grad():
+        latents = components.vae.encode(images.to(components.vae.dtype)).latent_dist.mode().float()
+    return latents * components.vae.config.scaling_factor
+
+
+def _log_with(config: TrainConfig):
+    """accelerate's log_with: the config's tracker name, or None (tests substitute a custom GeneralTracker)."""
+    return config.report_to
+
+
+def _optimizer_class(config: TrainConfig):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (use_8bit_adam; validate() checked that it is installed)."""
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit
+
+
+def cast_frozen_weights(components: Components, dtype: torch.dtype) -> None:
+    """The frozen weights in `dtype`, as diffusers' LoRA scripts do under mixed precision: the U-Net's base weights,
+    the VAE, the text encoder. The LoRA parameters keep their fp32 (never rounded through `dtype`); the modifier
+    token trains as a separate fp32 parameter (dcfast.training.tokens)."""
+    for name, param in components.unet.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            param.data = param.data.to(dtype)
+    for module in (components.text_encoder, components.vae):
+        if module is not None:
+            module.to(dtype=dtype)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """allow_tf32: TF32 matmuls and cuDNN convolutions for the run; the process's settings come back after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _restore_finished(models: Models, method: Method, output_dir: str, plan: List[Task], done: int) -> None:
+    """Bring the model to the end of task `done`: every learned token, the LoRA, the method state."""
+    for task in plan[:done]:
+        token_id = add_token(models.tokenizer, models.text_encoder, task.token)
+        set_embedding(models.text_encoder, token_id, load_tensors(task_dir(output_dir, task.index) / EMBEDS_FILE)[task.token])
+    if done:
+        state = load_tensors(task_dir(output_dir, done) / STATE_FILE)
+        load_lora_state(models.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+
+
+def _write_task_outputs(config: TrainConfig, method: Method, models: Models, task: Task, embedding: torch.Tensor,
+                        metrics: Dict[str, float]) -> Path:
+    """task_{i}/: LoRA (diffusers), token embedding, Fisher, resume state, config; metrics.json last."""
+    folder = task_dir(config.output_dir, task.index)
+    lora, rank, alpha = method.export_lora()
+    tensors, metadata = diffusers_lora_file(lora, rank, alpha, config.target_modules)
+    save_tensors(folder / LORA_FILE, tensors, metadata=metadata)
+    save_tensors(folder / EMBEDS_FILE, {task.token: embedding.float()})
+    save_tensors(folder / FISHER_FILE, method.fisher_state())
+    state = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
+    state.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    save_tensors(folder / STATE_FILE, state)
+    write_json(folder / CONFIG_FILE, config.to_dict())
+    write_json(folder / METRICS_FILE, metrics)
+    return folder
+
+
+def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> TrainResult:
+    """Train every task of `config` in order; returns the run's outputs. See TrainConfig for fields.
+
+    `step_callback(task_index, step, models)` runs after each optimizer step (progress hooks, tests).
+    """
+    config.validate()
+    with _tf32(config.allow_tf32):
+        return _train(config, step_callback)
+
+
+def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainResult:
+    log_with = _log_with(config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
+                              project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
+    torch.manual_seed(config.seed)
+
+    # 1. Load the base model (a local diffusers directory or a cached Hub id), and freeze all of it.
+    components = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
+    if components.vae is None and components.unet.config.in_channels != 3:
+        raise ValueError(f"pretrained_model_name_or_path: {config.pretrained_model_name_or_path!r} has no vae/, so it "
+                         f"must work on RGB pixels, but its U-Net takes {components.unet.config.in_channels} channels; "
+                         f"add the model's vae/ folder")
+    for module in (components.unet, components.text_encoder, components.vae):
+        if module is not None:
+            module.requires_grad_(False)
+
+    # 2. Add the LoRA adapter: the only trainable U-Net weights (plus each task's modifier token).
+    add_lora(components.unet, config.rank, config.resolved_lora_alpha(), config.target_modules, config.seed)
+    device = accelerator.device
+    for module in (components.unet, components.text_encoder, components.vae):
+        if module is not None:
+            module.to(device)
+    if WEIGHT_DTYPES[config.mixed_precision] is not None:
+        if accelerator.native_amp:
+            cast_frozen_weights(components, WEIGHT_DTYPES[config.mixed_precision])
+        else:  # accelerate runs fp16 on the CPU without autocast: fp16 weights would meet fp32 inputs
+            logger.warning(f"mixed_precision={config.mixed_precision}: accelerate turned autocast off on "
+                           f"{accelerator.device}, so the frozen weights stay fp32 (use bf16 on the CPU)")
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,
+                    accelerator)
+    method = get_method(config.method)(config, models)
+    plan = _task_plan(config)
+    resolution = config.resolution or components.resolution
+
+    # 3. Resume: finished tasks are restored, not redone; a mid-task checkpoint continues its task.
+    done, checkpoint = 0, None
+    if config.resume_from_checkpoint:
+        _check_resumable(config, components.fingerprint)
+        done = len(Run(config.output_dir).finished_tasks())
+        _restore_finished(models, method, config.output_dir, plan, done)
+        path = (ckpt.latest_checkpoint(config.output_dir) if config.resume_from_checkpoint == "latest"
+                else Path(config.resume_from_checkpoint))
+        checkpoint = ckpt.load_checkpoint(path) if path is not None else None
+        if checkpoint is not None and checkpoint.task != done + 1:
+            checkpoint = None  # a stale checkpoint of a task whose outputs are already written
+    if accelerator.is_main_process:
+        write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": [t.to_json() for t in plan],
+                                                        "base_model_fingerprint": components.fingerprint})
+    if log_with:
+        accelerator.init_trackers("dcfast", config={k: v for k, v in config.to_dict().items()
+                                                    if isinstance(v, (int, float, str, bool))})
+
+    # 4. Run summary.
+    lora_count = sum(p.numel() for p in models.lora().values())
+    logger.info(f"***** dcfast.train: method={config.method} *****")
+    logger.info(f"  tasks = {len(plan)} (resuming after {done}, checkpoint: {checkpoint.path if checkpoint else None})")
+    logger.info(f"  steps per task = {config.max_train_steps}, batch per process = {config.train_batch_size}, "
+                f"gradient accumulation = {config.gradient_accumulation_steps}, processes = {accelerator.num_processes}")
+    logger.info(f"  LoRA rank {config.rank} on {config.target_modules}: {lora_count} parameters; "
+                f"mixed precision = {config.mixed_precision}; resolution = {resolution}")
+    logger.info(f"  base model = {config.pretrained_model_name_or_path} (revision {config.revision}, variant "
+                f"{config.variant}); gradient checkpointing = {config.gradient_checkpointing}; trackers = "
+                f"{[t.name for t in accelerator.trackers]}; validation prompts = {len(config.validation_prompts)}")
+
+    result = TrainResult(Path(config.output_dir), method=method)
+    for task in plan[:done]:
+        result.task_dirs.append(task_dir(config.output_dir, task.index))
+        result.metrics.append(Run(config.output_dir).metrics(task.index))
+    for task in plan[done:]:
+        metrics = _train_task(config, components, models, method, plan, task, resolution, checkpoint, step_callback)
+        checkpoint = None
+        result.task_dirs.append(task_dir(config.output_dir, task.index))
+        result.metrics.append(metrics)
+    if accelerator.is_main_process:
+        result.loss_curve = monitor.write_loss_curve(config.output_dir, len(plan))
+        logger.info(f"  loss curve: {result.loss_curve}")
+    for tracker in accelerator.trackers:  # not end_training(): it would destroy the process group,
+        tracker.finish()                  # and train() may run again in this process (notebooks, tests)
+    return result
+
+
+def _train_task(config: TrainConfig, components: Components, models: Models, method: Method, plan: List[Task],
+                task: Dict, resolution: int, checkpoint: Optional[ckpt.Checkpoint],
+                step_callback: Optional[StepCallback]) -> Dict[str, float]:
+    accelerator, n = models.accelerator, task.index
+    started = time.time()
+    axis = monitor.StepAxis(config.max_train_steps, method.consolidation_steps())
+
+    # a. The task's modifier token <v_n>: from the class word's embedding (C-LoRA: random).
+    token_id = add_token(models.tokenizer, models.text_encoder, task.token)
+    init = (random_embedding(models.text_encoder, _generator(config.seed, n, 999_983)) if method.random_token_init
+            else class_word_embedding(models.tokenizer, models.text_encoder, task.class_word))
+    models.token = ModifierToken(models.text_encoder, task.token, token_id, init)
+
+    # b. The task's images, in model space once (the VAE is frozen).
+    field_name = f"tasks[{n - 1}].images"
+    images = load_images(task.images, resolution, field=field_name).to(accelerator.device)
+    latents = _encode_images(components, images)
+    # Random crops / flips: the uncropped images stay, and each step's batch is cropped and encoded afresh.
+    uncropped = load_resized(task.images, resolution, field_name) if not config.center_crop or config.random_flip else None
+    generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
+                  "shared": _generator(config.seed, n, 0)}
+    data = TaskData(index=n, latents=latents, prompt=task.prompt, pretrained_concept_prompt=task.pretrained_concept_prompt,
+                    past_prompts=[t.prompt for t in plan[:n - 1]], generator=generators["local"],
+                    shared_generator=generators["shared"], seed=config.seed * 1009 + n)
+    with accelerator.autocast():  # the auto tau runs the U-Net, whose frozen weights may be fp16/bf16
+        method.begin_task(data)
+
+    # c. Optimizer over the LoRA and the token (no weight decay on the token), LR schedule, prepare.
+    lora = list(models.lora().values())
+    params = lora + [models.token.param]
+    optimizer = _optimizer_class(config)(
+        [{"params": lora, "lr": config.learning_rate},
+         {"params": [models.token.param], "lr": config.token_learning_rate, "weight_decay": 0.0}],
+        betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max(config.max_train_steps, 1))
+    optimizer = accelerator.prepare(optimizer)  # the U-Net stays bare: gradients are averaged explicitly
+
+    # d. Continue a killed run from its mid-task checkpoint: weights, optimizer, schedule, RNG.
+    first_step, history = 0, monitor.LossHistory()
+    if checkpoint is not None:
+        load_lora_state(models.unet, checkpoint.prefixed("lora."))
+        with torch.no_grad():
+            models.token.param.copy_(checkpoint.tensors["token"])
+        ckpt.restore_optimizer(optimizer, checkpoint)
+        lr_scheduler.load_state_dict(checkpoint.meta["lr_scheduler"])
+        generators["shared"].set_state(checkpoint.tensors["rng.shared"])
+        local = f"rng.local.{accelerator.process_index}"
+        if local not in checkpoint.tensors:
+            raise ValueError(f"resume_from_checkpoint: {str(checkpoint.path)!r} was written by fewer processes than "
+                             f"the {accelerator.num_processes} running now; resume with the same number of processes")
+        generators["local"].set_state(checkpoint.tensors[local])
+        first_step = checkpoint.step
+        history = monitor.LossHistory(ckpt.losses_from(checkpoint), checkpoint.meta.get("loss_parts"))
+    losses = history.train["loss"]
+
+    # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
+    progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
+                    desc=f"task {n}/{len(plan)} ({config.method})", disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_loss, step_parts = 0.0, {}
+        for _ in range(config.gradient_accumulation_steps):
+            batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
+            if uncropped is None:
+                x0 = latents[batch.to(latents.device)]
+            else:
+                pixels = augment([uncropped[i] for i in batch.tolist()], resolution, generators["local"],
+                                 center_crop=config.center_crop, random_flip=config.random_flip)
+                x0 = _encode_images(components, pixels.to(accelerator.device))
+            with accelerator.autocast():
+                loss, logs = method.loss(x0)
+            value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            if not torch.isfinite(torch.tensor(value)):
+                last = ckpt.latest_checkpoint(config.output_dir)
+                raise FloatingPointError(
+                    f"loss became {value} at task {n} step {step + 1} (method {config.method}, parts {logs}); "
+                    f"stopped without saving. Last good checkpoint: {str(last) if last else 'none'} "
+                    f"(resume with --resume_from_checkpoint latest after lowering learning_rate)")
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+            step_loss += value / config.gradient_accumulation_steps
+            for key, part in logs.items():
+                step_parts[key] = step_parts.get(key, 0.0) + part / config.gradient_accumulation_steps
+        models.average_gradients(params)
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.add_step(step_loss, step_parts)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0],
+                         **{f"loss/{k}": v for k, v in step_parts.items()}, "task": n},
+                        step=axis.train_step(n, step + 1))
+        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, n, step + 1, history)
+        if step_callback is not None:
+            step_callback(n, step + 1, models)
+    progress.close()
+
+    # f. Freeze the token, consolidate (Fisher, DSC), write task_{n}/ (metrics.json last).
+    embedding = models.token.freeze()
+    models.token = None
+    if config.gradient_checkpointing:  # the Fisher's hooks must see each forward once, not again in the backward
+        models.unet.disable_gradient_checkpointing()
+
+    def log_consolidation(parts: Dict[str, float]) -> None:  # each consolidation step's loss parts (DSC)
+        iteration = history.add_distill(parts)
+        accelerator.log({f"distill/{k}": v for k, v in parts.items()}, step=axis.consolidation_step(n, iteration))
+
+    with accelerator.autocast():
+        consolidation = method.end_task(data, log_consolidation)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    metrics = {"task": n, "steps": config.max_train_steps, "final_loss": losses[-1] if losses else float("nan"),
+               "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
+               "seconds": time.time() - started, **consolidation}
+    if accelerator.is_main_process:
+        _write_task_outputs(config, method, models, task, embedding, metrics)
+        history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, axis.train_step(n, 0))
+        ckpt.remove_checkpoints(config.output_dir)
+        _validate_task(config, components, models, plan, n, axis)
+        if config.eval_every_task:
+            _evaluate_task(config, n, accelerator.device)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _validate_task(config: TrainConfig, components: Components, models: Models, plan: List[Task], n: int,
+                   axis: monitor.StepAxis) -> None:
+    """validation_prompts: samples of the state just written into task_{n}/validation.png and the trackers."""
+    prompts = monitor.validation_prompts(config, plan, n)
+    if not prompts:
+        return
+    logger.info(f"  validation: {config.num_validation_images} image(s) of {len(prompts)} prompt(s) at task state {n}")
+    rows = monitor.sample_validation(config, components, models, prompts)
+    path = monitor.save_grid(rows, task_dir(config.output_dir, n) / monitor.VALIDATION_FILE)
+    monitor.log_images(models.accelerator, rows, prompts, axis.train_step(n + 1, 0))
+    logger.info(f"  validation grid: {path}")
+
+
+def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
+    """Accuracy and MMD of every seen concept under the state just written, into task_{n}/eval.json."""
+    from dcfast.eval.evaluation import EvalConfig, evaluate_task
+
+    logger.info(f"  evaluating task state {n} ({config.eval_num_images} images per concept)")
+    column = evaluate_task(config.output_dir, n, config=EvalConfig(num_images=config.eval_num_images, device=str(device)))
+    write_json(task_dir(config.output_dir, n) / TASK_EVAL_FILE, column.to_dict())
+
+
+def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],
+                     task: int, step: int, history: monitor.LossHistory) -> None:
+    """Every process's RNG goes to the main process, which writes the checkpoint."""
+    accelerator = models.accelerator
+    local_states = accelerator.gather(generators["local"].get_state().unsqueeze(0))
+    if accelerator.is_main_process:
+        tensors = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
+        tensors["token"] = models.token.param.detach()
+        tensors.update({f"rng.local.{r}": s for r, s in enumerate(local_states)})
+        tensors["rng.shared"] = generators["shared"].get_state()
+        ckpt.save_checkpoint(config.output_dir, task, step, tensors, optimizer,
+                             {"lr_scheduler": lr_scheduler.state_dict(), "losses": history.train["loss"],
+                              "loss_parts": history.parts()})
+    accelerator.wait_for_everyone()
