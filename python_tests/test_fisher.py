@@ -215,7 +215,11 @@ def test_dc_loss_with_kt_rows_per_image(unet, dc):
     with acc.track(num_samples=2):
         losses(unet, *samples).sum().backward()
     unet.zero_grad(set_to_none=True)
-    assert rel_err(acc.fisher, want) <= 1e-5 and rel_err(acc.fisher, via_vmap) <= 1e-5
+    assert rel_err(acc.fisher, want) <= 1e-5  # the naive loop runs each image's rows as one batch, as we do
+    # vmap(grad) batches the float32 matmuls its own way, and a DC gradient is a sum over concepts of terms of
+    # opposite sign ((p_k - y_k) times d logit_k): its rounding is relative to those terms, not to the sum (seen:
+    # 1.06e-5 of the result under ATEN_CPU_CAPABILITY=default), so this cross-check is 10x looser.
+    assert rel_err(acc.fisher, via_vmap) <= 1e-4
 
 
 def chunked(unet, chunk):

@@ -131,7 +131,7 @@ def dc_term(log_probs: torch.Tensor, push: str = "spec", smoothing: float = 0.0,
     elif push == "none":
         return pull.mean()
     else:
-        raise ValueError(f"dc_push: {push!r} is not one of spec, complement, none")
+        raise ValueError(f"push: {push!r} is not one of spec, complement, none")
     return (pull + (pushed * weights).sum(-1)).mean()
 
 
