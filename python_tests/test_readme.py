@@ -28,7 +28,7 @@ RUN = ("DC scores", "Per-sample Fisher", "Train on your own Stable Diffusion mod
 NOT_RUN = {
     "Export for diffusers": "loads a base model from the placeholder 'path/to/base' and an exported folder; "
                             "test_readme_export_loading_code_is_what_export_writes keeps it equal to "
-                            "dcfast.io.export.loading_code, which python_tests/train/test_export.py runs against "
+                            "dcfast.io.export.loading_code, which python_tests/training/test_export.py runs against "
                             "load_pipeline's U-Net output",
 }
 TRAIN_SECTION = "Train on your own Stable Diffusion model"

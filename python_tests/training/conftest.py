@@ -12,7 +12,7 @@ from dcfast.training.config import TrainConfig
 from dcfast.io.images import write_shape_images
 from dcfast.models.tiny import tiny
 
-sys.path.insert(0, str(Path(__file__).parent))  # python_tests/train/formulas.py: `import formulas`
+sys.path.insert(0, str(Path(__file__).parent))  # python_tests/training/formulas.py: `import formulas`
 
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
 # Method settings that keep a test run fast, for the methods that read them.

@@ -16,7 +16,7 @@ from PIL import Image
 from dcfast.experiments.runner import BASE_MODEL, DemoConfig
 from dcfast.experiments.photos import DEMO_CONCEPTS, write_demo_concepts
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pretrain_tiny_base.py"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_shipped_base_model_is_small_safetensors_and_packaged():
     weights = {p.parent.name for p in files if p.suffix == ".safetensors"}
     assert weights == {"unet", "vae", "text_encoder"}
     assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'dcfast = ["assets/**/*"]' in pyproject
 
 
