@@ -222,6 +222,8 @@ def _registry():
 
 def _settings_of(method: str, values: Dict[str, Any]) -> Optional[MethodSettings]:
     """`method`'s settings from `values` (by name); None for an unknown method (validate() names it)."""
+    if not isinstance(method, str):
+        return None
     try:
         cls = _registry().get_method(method)
     except ValueError:
@@ -239,7 +241,9 @@ def _owners() -> Dict[str, List[str]]:
 
 
 def _own_names(method: str) -> Optional[set]:
-    """The names of `method`'s settings; None for an unknown method (validate() names it)."""
+    """The names of `method`'s settings; None for an unknown method (validate() names it, coercion a non-text one)."""
+    if not isinstance(method, str):
+        return None
     try:
         return {f.name for f in dataclasses.fields(_registry().get_method(method).Settings)}
     except ValueError:

@@ -1,7 +1,8 @@
 """Continual-personalization methods, one file each, dispatched by name through one table.
 
-A name is normalised (lower case, '_' -> '-') and looked up in REGISTRY in order; the first match
-wins (peft-style dispatch).
+A method's file holds its `Method` subclass and its settings dataclass (`Settings`); adding a method is that
+file and one line of REGISTRY. A name is normalised (lower case, '_' -> '-') and looked up in REGISTRY in
+order; the first match wins (peft-style dispatch).
 """
 from typing import Dict, Tuple, Type
 
