@@ -169,7 +169,7 @@ def export(run_dir: PathLike, output: PathLike, task: Optional[int] = None) -> P
                          f"empty folder (nothing was written)")
     run = Run(run_dir)
     tasks = run.tasks()
-    embeds = run.state(n).embeddings  # every token 1..n, or a clear error
+    embeds = run.embeddings(n)  # every token 1..n, or a clear error
     lora, metadata = _lora_with_metadata(task_dir(run_dir, n) / LORA_FILE)
     config = run.config()
     base = run.base_model()

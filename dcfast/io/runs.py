@@ -116,21 +116,25 @@ class TaskState:
 class Run:
     """The one reader of a run directory: its config, tasks, finished tasks, per-task metrics and states.
 
-    Every read names the file it could not read, and why. `Run(path)` reads nothing until asked.
+    Every read names the file it could not read, and why. `Run(path)` reads nothing until asked, and run.json
+    once: a reader lives for one look at a run, while the trainer, which rewrites run.json, makes a new one.
     """
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
+        self._record: Optional[Dict[str, Any]] = None
 
     def task_dir(self, index: int) -> Path:
         return task_dir(self.path, index)
 
     def record(self) -> Dict[str, Any]:
         """run.json as written: config, tasks, base-model fingerprint."""
-        record = read_json(self.path / RUN_FILE)
-        if not isinstance(record, dict):
-            raise ValueError(f"corrupt run file {str(self.path / RUN_FILE)!r}: expected a mapping")
-        return record
+        if self._record is None:
+            record = read_json(self.path / RUN_FILE)
+            if not isinstance(record, dict):
+                raise ValueError(f"corrupt run file {str(self.path / RUN_FILE)!r}: expected a mapping")
+            self._record = record
+        return self._record
 
     def config(self) -> Dict[str, Any]:
         """The resolved config the run was trained with, as a dict (`TrainConfig.from_dict` builds it back)."""
@@ -189,11 +193,9 @@ class Run:
             return DEFAULT_GUIDANCE_SCALE
 
     def state(self, index: int) -> TaskState:
-        """Task state `index`: its LoRA and the modifier-token embeddings of tasks 1..index.
+        """Task state `index`: its LoRA and the modifier-token embeddings of tasks 1..index (`embeddings`).
 
-        Refuses an unfinished task, and a state with any embedding missing or damaged, naming the files: without
-        <v_i>'s embedding the tokenizer would split "<v_i>" into "<", "v", "i", ">" and the prompt would silently
-        mean something else.
+        Refuses an unfinished task, naming its missing metrics.json.
         """
         tasks = self.tasks()
         if not 1 <= index <= len(tasks):
@@ -202,8 +204,16 @@ class Run:
         if not (folder / METRICS_FILE).is_file():
             raise FileNotFoundError(f"task {index} of run {str(self.path)!r} is not finished: missing "
                                     f"{str(folder / METRICS_FILE)!r}")
-        lora = load_tensors(folder / LORA_FILE)
-        seen = tasks[:index]
+        return TaskState(index=index, lora_dir=folder, lora=load_tensors(folder / LORA_FILE),
+                         embeddings=self.embeddings(index))
+
+    def embeddings(self, index: int) -> Dict[str, "torch.Tensor"]:
+        """The modifier-token embeddings of tasks 1..index, token -> (D,), in task order.
+
+        Refuses a state with any of them missing or damaged, naming the files: without <v_i>'s embedding the
+        tokenizer would split "<v_i>" into "<", "v", "i", ">" and the prompt would silently mean something else.
+        """
+        seen = self.tasks()[:index]
         missing = [t for t in seen if not (self.task_dir(t.index) / EMBEDS_FILE).is_file()]
         if missing:
             names = ", ".join(f"{str(self.task_dir(t.index) / EMBEDS_FILE)!r} ({t.token})" for t in missing)
@@ -219,7 +229,7 @@ class Run:
                                  f"(D,) tensor named {task.token!r}, got "
                                  f"{ {k: tuple(v.shape) for k, v in found.items()} }")
             embeddings[task.token] = found[task.token]
-        return TaskState(index=index, lora_dir=folder, lora=lora, embeddings=embeddings)
+        return embeddings
 
 
 def check_tokens_whole(tokenizer, tokens: List[str], where: str) -> None:

@@ -160,10 +160,8 @@ class TrainConfig:
             own, owners = _own_names(method) or set(), _owners()
             values = {k: v for k, v in values.items() if k not in owners or k in own}
         shared, own_values = _route({**values, **nested}, method)
-        config = cls(**{name: coerce(name, _HINTS[name], value, cls) for name, value in shared.items()})
-        if config.method_settings is None:  # an unknown method: validate() names it
-            return config
-        return dataclasses.replace(config, method_settings=build(type(config.method_settings), own_values))
+        return cls(**{name: coerce(name, _HINTS[name], value, cls) for name, value in shared.items()},
+                   method_settings=own_values)  # built by __post_init__ (None for an unknown method)
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "TrainConfig":
@@ -191,13 +189,10 @@ class TrainConfig:
         given = {k: v for k, v in flags.items() if v is not None}
         method = given.get("method", self.method)
         shared, own = _route(given, method)
-        config = dataclasses.replace(self, **{name: coerce(name, _HINTS[name], value, type(self))
-                                              for name, value in shared.items()}, method_settings=None)
-        if config.method_settings is None:
-            return config
         kept = {k: v for k, v in dataclasses.asdict(self.method_settings or MethodSettings()).items()
                 if k in (_own_names(method) or ())}
-        return dataclasses.replace(config, method_settings=build(type(config.method_settings), {**kept, **own}))
+        return dataclasses.replace(self, **{name: coerce(name, _HINTS[name], value, type(self))
+                                            for name, value in shared.items()}, method_settings={**kept, **own})
 
     def validate(self) -> None:
         """Check everything before training; one ValueError listing each problem with its field and fix

@@ -147,13 +147,15 @@ def _tf32(enabled: bool):
 
 def _restore_finished(models: Models, method: Method, output_dir: str, plan: List[Task], done: int) -> None:
     """Bring the model to the end of task `done`: every learned token, the LoRA, the method state."""
+    if not done:
+        return
+    embeddings = Run(output_dir).embeddings(done)  # each one checked, or an error naming the file
     for task in plan[:done]:
         token_id = add_token(models.tokenizer, models.text_encoder, task.token)
-        set_embedding(models.text_encoder, token_id, load_tensors(task_dir(output_dir, task.index) / EMBEDS_FILE)[task.token])
-    if done:
-        state = load_tensors(task_dir(output_dir, done) / STATE_FILE)
-        load_lora_state(models.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
-        method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+        set_embedding(models.text_encoder, token_id, embeddings[task.token])
+    state = load_tensors(task_dir(output_dir, done) / STATE_FILE)
+    load_lora_state(models.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+    method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
 
 
 def _write_task_outputs(config: TrainConfig, method: Method, models: Models, task: Task, embedding: torch.Tensor,
