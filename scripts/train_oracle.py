@@ -10,7 +10,8 @@ slightly off-colour compared with renders:
 - colour jitter: brightness x0.9-1.1, per-channel gain x0.94-1.06, contrast x0.85-1.15;
 - a random shift of up to 2 px (generated shapes are not always where renders put them).
 It then reports the accuracy per attribute on 4,000 fresh un-augmented renders (a seed no training
-batch used) and on the same renders augmented, and writes them to `oracle.json` beside the weights.
+batch used) and on the same renders augmented, and each attribute's accuracy on fresh renders of every shape
+(the base shapes and the novel ones, 500 each), and writes them to `oracle.json` beside the weights.
 
 Recorded run of the committed weights: see `dcfast/assets/oracle.json` (seconds, accuracies).
 """
@@ -27,14 +28,14 @@ import torch.nn.functional as F
 
 from dcfast.io.atomic import save_safetensors_atomic, write_json_atomic
 from dcfast.world.oracle import ORACLE_FILE, Oracle
-from dcfast.world.scenes import ATTRIBUTES, random_scenes, render
+from dcfast.world.scenes import ATTRIBUTES, SHAPES, random_scenes, render
 
 SCENE_FIELD = {"shape": "shape", "colour": "colour", "pattern": "pattern", "background": "background"}
 
 
-def batch(count: int, seed: int):
-    """(images float (N, 3, 32, 32) in [0, 1], {attribute: labels (N,)}) of fresh random scenes."""
-    scenes = random_scenes(count, seed)
+def batch(count: int, seed: int, shapes=SHAPES):
+    """(images float (N, 3, 32, 32) in [0, 1], {attribute: labels (N,)}) of fresh random scenes of `shapes`."""
+    scenes = random_scenes(count, seed, shapes)
     images = torch.from_numpy(render(scenes)).permute(0, 3, 1, 2).float() / 255
     return images, {name: torch.from_numpy(getattr(scenes, SCENE_FIELD[name])).long() for name in ATTRIBUTES}
 
@@ -75,7 +76,7 @@ def accuracy(oracle: Oracle, images: torch.Tensor, labels: dict) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ORACLE_FILE), help="safetensors file to write (oracle.json beside it)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (each on fresh renders)")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (each on fresh renders)")
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -104,9 +105,14 @@ def main(argv=None) -> None:
     test_images, test_labels = batch(4000, seed=-1 % 2**31)  # a seed no training batch uses
     clean = accuracy(oracle, test_images, test_labels)
     augmented = accuracy(oracle, augment(test_images, torch.Generator().manual_seed(12345)), test_labels)
+    by_shape = {}  # 500 fresh renders of each shape alone, clean and augmented (seeds no training batch uses)
+    for index, shape in enumerate(SHAPES):
+        images, labels = batch(500, seed=2**30 + index, shapes=(shape,))
+        by_shape[shape] = {"fresh": accuracy(oracle, images, labels),
+                           "augmented": accuracy(oracle, augment(images, torch.Generator().manual_seed(index)), labels)}
     stats = {"seconds": round(time.time() - started), "steps": args.steps, "batch": args.batch, "seed": args.seed,
              "threads": args.threads, "final_loss": round(float(np.mean(recent)), 5),
-             "accuracy_fresh_renders": clean, "accuracy_fresh_renders_augmented": augmented}
+             "accuracy_fresh_renders": clean, "accuracy_fresh_renders_augmented": augmented, "accuracy_by_shape": by_shape}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(output, {k: v.contiguous() for k, v in oracle.state_dict().items()})

@@ -1,6 +1,6 @@
 """Tune the continual-personalization methods on the world's *validation* sequences only:
 
-    python scripts/tune_methods.py --grid lambda [--sequence same-class-val] [--seeds 0] [--workers 2]
+    python scripts/tune_methods.py --grid lambda [--sequence known-same-class-val] [--seeds 0] [--workers 2]
 
 Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
 lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
@@ -45,7 +45,7 @@ GRIDS: Dict[str, List[Variant]] = {
     "dsc": [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3}), ("dsc", {"dsc_alpha": 1.0}),
             ("dsc", {"dsc_alpha": 1e-3})],
     # DSC's distillation length M (dsc_iterations; default 66, a third of a task's 200 steps). Measured on
-    # same-class-val and same-class-test seed 0 (scripts/dsc_distill_effect.py): before task 4's distillation
+    # known-same-class-val and known-same-class-test seed 0 (scripts/dsc_distill_effect.py): before task 4's distillation
     # the last-trained colour has overwritten the earlier stars (drawn yellow), 66 iterations over three
     # teachers (~22 each) restore some and not others, and the teacher MSE is still falling at the end.
     "dsc-iterations": [("dsc", {"dsc_alpha": 1e-3, "dsc_iterations": 200})],
@@ -65,12 +65,12 @@ GRIDS: Dict[str, List[Variant]] = {
         {"dsc_beta": 0.1}, {"dsc_beta": 10.0}, {"dsc_teacher_pool": "after_distill"},
         {"num_dc_concepts": 2, "num_dc_timesteps": 1}, {"num_dc_concepts": 3, "num_dc_timesteps": 2})]
     + [("dsc+ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "dsc_alpha": 1e-3, "dsc_ewc_penalty": False})],
-    # A setting that wins ewc-dc-shape on same-class-val only by the selection rule's tie-break (within one sample
+    # A setting that wins ewc-dc-shape on known-same-class-val only by the selection rule's tie-break (within one sample
     # on final fidelity, one sample less forgetting) must also hold on the second validation sequence,
-    # distinct-class-val, against the default, before it replaces the default.
+    # known-distinct-class-val, against the default, before it replaces the default.
     "confirm-tau": [("ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3}),
                     ("ewc-dc", {"ewc_lambda": 1.0, "delta": 1e-3, "auto_temperature_scale": 3.0})],
-    # DSC at (k, T) = (3, 2) beat the default (4, 4) on same-class-val by 0.055 (under two samples per concept):
+    # DSC at (k, T) = (3, 2) beat the default (4, 4) on known-same-class-val by 0.055 (under two samples per concept):
     # a change of a shared default on one seed of one sequence, checked the same way.
     "confirm-dsc-cost": [("dsc", {"dsc_alpha": 1e-3}),
                          ("dsc", {"dsc_alpha": 1e-3, "num_dc_concepts": 3, "num_dc_timesteps": 2})],
@@ -123,7 +123,7 @@ def table(rows: List[Dict[str, object]]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", nargs="+", required=True, help=f"grids to run: {', '.join(GRIDS)}")
-    parser.add_argument("--sequence", nargs="+", default=["same-class-val"], help="validation sequences")
+    parser.add_argument("--sequence", nargs="+", default=["known-same-class-val"], help="validation sequences")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")

@@ -23,7 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "fidelity judged by the oracle, DC accuracy, MMD) and write the report.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--method", default=None,
-                       help=f"lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora (default: {DEFAULT_METHOD})")
+                       help=f"lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora, or a control: ti | joint "
+                            f"(default: {DEFAULT_METHOD})")
     which.add_argument("--all", action="store_true", help="every method, then a comparison table and plot")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--sequence", default=defaults.sequence, choices=sorted(SEQUENCES),

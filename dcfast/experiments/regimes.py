@@ -7,7 +7,7 @@ TrainConfig's default, or its method's.
 from typing import Dict
 
 # TrainConfig values for world runs (the rest keep their defaults). Chosen on the validation sequence
-# same-class-val with scripts/world_regime.py (table: benchmarks/world_regime.md), so that the shared LoRA,
+# known-same-class-val with scripts/world_regime.py (table: benchmarks/world_regime.md), so that the shared LoRA,
 # not the frozen per-task token, carries each concept, as on Stable Diffusion: at TrainConfig's rates
 # (LoRA 1e-4, token 5e-3) the token alone held concept 1 and nothing later tasks did could erase it.
 WORLD_TRAIN = {
@@ -22,7 +22,7 @@ WORLD_TRAIN = {
 
 # Per-method values on the world, on top of WORLD_TRAIN, each chosen on both validation sequences
 # (benchmarks/methods_tuning.md). DSC at (k, T) = (3, 2): final fidelity 0.62 vs 0.56 at (4, 4) on
-# same-class-val and 0.40 vs 0.38 on distinct-class-val, at 7 U-Net rows per image per distillation step
+# known-same-class-val and 0.40 vs 0.38 on known-distinct-class-val, at 7 U-Net rows per image per distillation step
 # instead of 17. TrainConfig keeps (4, 4), EWC-DC's choice (it lost at (3, 2): 0.65 vs 0.73).
 WORLD_METHOD_TRAIN: Dict[str, Dict[str, object]] = {"dsc": {"num_dc_concepts": 3, "num_dc_timesteps": 2}}
 

@@ -25,7 +25,8 @@ from dcfast.io.runs import DEFAULT_GUIDANCE_SCALE, EVAL_DIR, METRICS_FILE, Run
 
 BASE_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"
 DEFAULT_METHOD = "ewc-dc"
-DEFAULT_SEQUENCE = "same-class-test"  # the hard case: every concept a star
+# The yardstick: four shapes the base model never saw, one class word ("circle"), so only the LoRA can carry them.
+DEFAULT_SEQUENCE = "novel-same-class-test"
 
 @dataclass
 class DemoConfig:
@@ -59,11 +60,12 @@ def check_base_model(path: str) -> Path:
 
 def write_concepts(config: DemoConfig) -> List[Dict[str, str]]:
     """The concepts as PNGs under output_dir/concepts: the world sequence's renders (32x32), or photo crops
-    at the base model's resolution."""
+    at the base model's resolution. A novel-concept sequence needs a base model that never saw its shapes."""
     folder = Path(config.output_dir) / "concepts"
     if not config.photos:
-        from dcfast.world.scenes import write_sequence
+        from dcfast.world.scenes import check_unseen, get_sequence, write_sequence
 
+        check_unseen(check_base_model(config.base_model), get_sequence(config.sequence))
         return write_sequence(folder, config.sequence, num_train=config.num_train_images,
                               num_eval=config.num_eval_images, seed=config.seed, num_tasks=config.num_tasks)
     from dcfast.experiments.photos import write_demo_concepts

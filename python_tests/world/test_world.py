@@ -1,5 +1,6 @@
 """The tiny world (dcfast.world.scenes), its oracle (dcfast.world.oracle), fidelity in evaluation, and a tiny world run."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,30 +69,83 @@ def test_captions_name_the_attributes_given():
 def test_validation_and_test_concepts_are_disjoint_and_sequences_well_formed():
     test, validation = set(world.concepts_in_split("test")), set(world.concepts_in_split("validation"))
     assert test and validation and not test & validation
-    for name, (split, names) in world.SEQUENCES.items():
+    novel_shapes = {split: {world.get_concept(c).shape for c in names if world.get_concept(c).novel}
+                    for split, names in (("test", test), ("validation", validation))}
+    assert len(novel_shapes["test"]) >= 8 and novel_shapes["validation"] and \
+        not novel_shapes["test"] & novel_shapes["validation"]
+    for name, spec in world.SEQUENCES.items():
         concepts = world.get_sequence(name)
-        assert len(concepts) == len(names) >= 4
-        shapes = [c.shape for c in concepts]
-        if name.startswith("same-class"):
-            assert len(set(shapes)) == 1
-        else:
-            assert len(set(shapes)) == len(shapes)
+        assert len(concepts) == len(spec.concepts) >= 4 and name.startswith(("novel-", "known-"))
+        assert all(c.novel == name.startswith("novel-") for c in concepts)
+        assert name.endswith("-test") == (spec.split == "test")
+        shapes, words = [c.shape for c in concepts], world.class_words(name)
+        assert len(set(shapes)) == (1 if name.startswith("known-same-class") else len(shapes))
+        if "same-class" in name:
+            assert len(set(words)) == 1
+        assert set(words) <= set(world.BASE_SHAPES)  # words the base model knows
         for a in concepts:  # every pair differs in a defining attribute: learning one conflicts with another
             assert a.pattern == "solid"  # patterned concepts were learned as a blend of two colours
             for b in concepts:
                 if a is not b:
                     assert any(a.labels()[k] != b.labels()[k] for k in world.DEFINING), (a.name, b.name)
+    assert len(world.get_sequence("novel-same-class-long-test")) == 8
+
+
+def test_no_test_concept_is_in_the_shipped_base_models_training_factors():
+    from dcfast.experiments.runner import BASE_MODEL
+
+    seen = json.loads((Path(BASE_MODEL) / world.TRAINING_FACTORS_FILE).read_text())
+    assert seen == world.base_training_factors()
+    test_shapes = {world.get_concept(c).shape for c in world.concepts_in_split("test") if world.get_concept(c).novel}
+    assert test_shapes and not test_shapes & set(seen["shapes"])
+    world.check_unseen(BASE_MODEL, world.get_sequence("novel-same-class-long-test"))  # does not raise
+
+
+def test_a_base_that_saw_a_novel_shape_is_refused_naming_it(tmp_path):
+    (tmp_path / world.TRAINING_FACTORS_FILE).write_text(json.dumps({"shapes": [*world.BASE_SHAPES, "heart"]}))
+    with pytest.raises(ValueError, match="novel shape\\(s\\) heart"):
+        world.check_unseen(tmp_path, world.get_sequence("novel-same-class-test"))
+    world.check_unseen(tmp_path, world.get_sequence("known-same-class-test"))  # known shapes need no record
+    with pytest.raises(ValueError, match="no readable record"):
+        world.check_unseen(tmp_path / "elsewhere", world.get_sequence("novel-same-class-test"))
+
+
+def test_novel_shapes_are_deterministic_inside_the_image_and_distinct():
+    """Each novel shape renders the same twice, fits inside the image at every pose random_poses draws (its extent
+    is within (radius + 1 px) / radius at the largest radius, 12 px), and overlaps no other shape at any rotation by
+    IoU IOU_BOUND or more."""
+    angles = np.linspace(0, 2 * np.pi, 36, endpoint=False)
+    grid = np.linspace(-1.2, 1.2, 97)
+    distance = np.hypot(*np.meshgrid(grid, grid))
+    upright = {shape: world.shape_mask(shape) for shape in world.SHAPES}
+    assert len(world.NOVEL_SHAPES) >= 8
+    for index, shape in enumerate(world.NOVEL_SHAPES):
+        concept = world.Concept("probe", shape, "red", "solid", "blue", "white")
+        first, again = renders(concept, 16, 7), renders(concept, 16, 7)
+        assert torch.equal(first, again) and not torch.equal(first, renders(concept, 16, 8))
+        for angle in angles:
+            rotated = world.shape_mask(shape, angle)
+            assert rotated.sum() > 0.1 * rotated.size and distance[rotated].max() <= 13 / 12, shape
+        for other in world.SHAPES:
+            if other == shape or (other in world.NOVEL_SHAPES and world.NOVEL_SHAPES.index(other) < index):
+                continue
+            for angle in angles:
+                rotated = world.shape_mask(other, angle)
+                iou = (upright[shape] & rotated).sum() / (upright[shape] | rotated).sum()
+                assert iou < world.IOU_BOUND, (shape, other, float(iou))
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="known sequences: .*same-class-test"):
+    with pytest.raises(ValueError, match="known sequences: .*known-same-class-test"):
         world.get_sequence("same-class")
+    with pytest.raises(ValueError, match="'same-class-test' is now 'known-same-class-test'.*novel-same-class-test"):
+        world.get_sequence("same-class-test")
     with pytest.raises(ValueError, match="known concepts: .*green-star"):
         world.get_concept("green star")
 
 
 def test_write_sequence_splits_are_distinct_renders(tmp_path):
-    tasks = world.write_sequence(tmp_path, "same-class-test", num_train=3, num_eval=4, num_tasks=2)
+    tasks = world.write_sequence(tmp_path, "known-same-class-test", num_train=3, num_eval=4, num_tasks=2)
     assert [t["class_word"] for t in tasks] == ["star", "star"]
     for task in tasks:
         train = [np.asarray(Image.open(p)) for p in sorted(Path(task["images"]).glob("*.png"))]
@@ -100,11 +154,11 @@ def test_write_sequence_splits_are_distinct_renders(tmp_path):
         assert not any(np.array_equal(a, b) for a in train for b in held_out)
         assert world.read_concept(task["images"]) == world.read_concept(task["eval_images"])
     assert world.read_concept(tasks[0]["images"]).name == "green-star"
-    val = world.write_sequence(tmp_path / "v", "same-class-val", num_train=1, num_eval=2, num_tasks=1)
+    val = world.write_sequence(tmp_path / "v", "known-same-class-val", num_train=1, num_eval=2, num_tasks=1)
     assert Path(val[0]["eval_images"]).name == "val"
     assert world.read_concept(tmp_path) is None  # not a concept folder
     with pytest.raises(ValueError, match="num_tasks"):
-        world.write_sequence(tmp_path, "same-class-test", num_tasks=9)
+        world.write_sequence(tmp_path, "known-same-class-test", num_tasks=9)
 
 
 # --- the oracle and fidelity ----------------------------------------------------------------------------
@@ -116,6 +170,25 @@ def test_oracle_reads_fresh_renders(oracle):
     for name in world.ATTRIBUTES:
         accuracy = (reading[name] == torch.from_numpy(getattr(scenes, name))).double().mean()
         assert accuracy >= 0.97, (name, float(accuracy))
+
+
+def test_oracle_record_holds_every_shape_at_98_percent_per_attribute():
+    """scripts/train_oracle.py records each shape's accuracy on fresh renders (fresh and augmented) beside the
+    weights; the shipped oracle must read every shape, known and novel."""
+    from dcfast.world.oracle import oracle_report
+
+    record = oracle_report()["accuracy_by_shape"]
+    assert set(record) == set(world.SHAPES)
+    for shape, accuracy in record.items():
+        assert set(accuracy["fresh"]) == set(world.ATTRIBUTES), shape
+        assert min(accuracy["fresh"].values()) >= 0.98, (shape, accuracy)
+
+
+def test_oracle_reads_the_novel_concepts(oracle):
+    for name in world.concepts_in_split("test") + world.concepts_in_split("validation"):
+        concept = world.get_concept(name)
+        if concept.novel:
+            assert fidelity(read_attributes(oracle, renders(concept, 16, 11)), concept)["all"] >= 15 / 16, name
 
 
 def test_fidelity_is_one_on_the_concept_and_zero_on_another(oracle):
@@ -169,7 +242,7 @@ def tiny_model(tmp_path_factory):
 def tiny_config(model, output_dir, **changes):
     from dcfast.experiments.runner import DemoConfig
 
-    values = dict(output_dir=str(output_dir), methods=["lora"], sequence="same-class-val", num_tasks=2,
+    values = dict(output_dir=str(output_dir), methods=["lora"], sequence="known-same-class-val", num_tasks=2,
                   max_train_steps=2, num_train_images=2, num_eval_images=2, num_images=2, num_inference_steps=2,
                   base_model=str(model), progress=False)
     return DemoConfig(**{**values, **changes})
@@ -197,16 +270,41 @@ def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
     assert "final fidelity" in result["table"]
 
 
-def test_bench_world_reports_concept_one_from_the_fidelity_matrix(tmp_path, tiny_model):
+def test_bench_world_reports_the_controls_from_their_fidelity_matrices(tmp_path, tiny_model):
+    """lora, ti and joint per seed on the novel and known sequences; the closing values are the rows' means."""
     from dcfast.experiments import bench_world
 
-    result = bench_world.run(seeds=2, output_dir=str(tmp_path / "bench"), config=tiny_config(tiny_model, tmp_path))
+    world.write_training_factors(tiny_model)
+    result = bench_world.run(seeds=2, output_dir=str(tmp_path / "bench"), config=tiny_config(tiny_model, tmp_path),
+                             workers=1)
     rows = result["rows"]
-    assert [r["seed"] for r in rows] == [0, 1] and all(r["run_dir"].startswith(str(tmp_path / "bench")) for r in rows)
-    first_rows = [r["fidelity"][0] for r in rows]
-    assert result["summary"]["state1_fidelity"] == pytest.approx(np.mean([f[0] for f in first_rows]))
-    assert result["summary"]["lora_forgetting"] == pytest.approx(np.mean([f[0] - f[-1] for f in first_rows]))
+    assert {(r["sequence"], r["seed"], r["method"]) for r in rows} == {
+        (s, seed, m) for s in ("novel-same-class-test", "known-same-class-test") for seed in (0, 1)
+        for m in ("lora", "ti", "joint")}
+    novel = {m: [r for r in rows if r["sequence"] == "novel-same-class-test" and r["method"] == m]
+             for m in ("lora", "ti", "joint")}
+    summary = result["summary"]
+    assert summary["state1_fidelity"] == pytest.approx(np.mean([r["fidelity"][0][0] for r in novel["lora"]]))
+    assert summary["lora_forgetting"] == pytest.approx(np.mean([r["fidelity"][0][0] - r["fidelity"][0][1]
+                                                                for r in novel["lora"]]))
+    assert summary["ti_fidelity"] == pytest.approx(np.mean([np.mean([r["fidelity"][i][i] for i in range(2)])
+                                                            for r in novel["ti"]]))
+    assert summary["joint_final_fidelity"] == pytest.approx(np.mean([np.mean([row[-1] for row in r["fidelity"]])
+                                                                     for r in novel["joint"]]))
+    assert [b["method"] for b in result["bars"]] == ["ti", "lora", "lora", "joint"]
     saved = json.loads((tmp_path / "bench" / "world.json").read_text())
-    assert saved["sequence"] == "same-class-test" and saved["summary"] == pytest.approx(result["summary"])
+    assert saved["summary"] == pytest.approx(summary) and saved["command"] == "dcfast bench world --seeds 2"
+    assert "### known-same-class-test" in (tmp_path / "bench" / "world.md").read_text()
     with pytest.raises(ValueError, match="seeds"):
         bench_world.run(seeds=0)
+
+
+def test_bench_world_refuses_a_base_that_saw_a_novel_shape(tmp_path, tiny_model):
+    from dcfast.experiments import bench_world
+
+    seen = tmp_path / "seen-base"
+    shutil.copytree(tiny_model, seen)
+    (seen / world.TRAINING_FACTORS_FILE).write_text(json.dumps({"shapes": ["crescent", "circle"]}))
+    with pytest.raises(ValueError, match="crescent"):
+        bench_world.run(quick=True, output_dir=str(tmp_path / "bench"),
+                        config=tiny_config(seen, tmp_path), workers=1)

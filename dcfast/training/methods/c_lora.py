@@ -23,7 +23,7 @@ class CLoRASettings(MethodSettings):
     """C-LoRA's settings."""
 
     # lambda of ||W_past (.) (B_n A_n)||^2. Its entries are products of two small weights (~3e-3 here; a task's
-    # sum ~5e-4), so lambda lives far above EWC's. Chosen on same-class-val (benchmarks/methods_tuning.md):
+    # sum ~5e-4), so lambda lives far above EWC's. Chosen on known-same-class-val (benchmarks/methods_tuning.md):
     # final fidelity 0.54 / 0.62 / 0.56 at 1e2 / 1e4 / 1e6.
     clora_lambda: float = setting(1e4, nonnegative=True)
 

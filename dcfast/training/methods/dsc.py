@@ -36,7 +36,7 @@ class DistillSettings(MethodSettings):
     """DSC's distillation (function-space consolidation after each task from the second on)."""
 
     # alpha: weight of the two DC-score KL terms. Their logits are errors / tau (auto tau ~5e-4..1e-3), so, like
-    # EWC-DC's delta, alpha ~ tau puts them on the noise terms' scale. Chosen on same-class-val
+    # EWC-DC's delta, alpha ~ tau puts them on the noise terms' scale. Chosen on known-same-class-val
     # (benchmarks/methods_tuning.md): final fidelity 0.56 at 1e-3, 0.24 at 1.
     dsc_alpha: float = setting(1e-3, nonnegative=True)
     # beta: weight of the two noise-prediction terms. Same-class-val: 0.1 / 1 / 10 gave final fidelity 0.30 /

@@ -25,11 +25,11 @@ class EWCSettings(MethodSettings):
     """EWC's settings (EWC-DC's too). The Fisher is a sum over the task's images of per-sample squared gradients."""
 
     # lambda: penalty weight, on the mean-normalised Fisher (fisher_normalize), one value for EWC and EWC-DC.
-    # Chosen on same-class-val (benchmarks/methods_tuning.md): EWC's final fidelity 0.58 / 0.50 / 0.59 / 0.59 at
+    # Chosen on known-same-class-val (benchmarks/methods_tuning.md): EWC's final fidelity 0.58 / 0.50 / 0.59 / 0.59 at
     # lambda 0.01 / 0.1 / 1 / 10, forgetting 0.06 / 0.01 / 0 / 0: 1 and 10 tie (within one sample of 32), the
     # milder 1 is kept, and EWC-DC's DC term was tuned at 1.
     ewc_lambda: float = setting(1.0, nonnegative=True)
-    # Online Fisher decay F <- gamma F + F_n (Schwarz et al.'s online EWC). EWC-DC on same-class-val: 0.5 / 0.9 / 1
+    # Online Fisher decay F <- gamma F + F_n (Schwarz et al.'s online EWC). EWC-DC on known-same-class-val: 0.5 / 0.9 / 1
     # gave final fidelity 0.73 / 0.73 / 0.73, forgetting 0.01 each: no effect over 4 tasks; 0.9 stays.
     gamma: float = 0.9
     fisher_num_timesteps: int = setting(4, at_least=1)  # (t, eps) pairs per image for the Fisher, evenly strided t

@@ -39,8 +39,8 @@ class DCScoreSettings(MethodSettings):
     # near-uniform softmaxes on the first demo (p(c_n) ~ 1/K); auto gives ~5e-4..1e-3 on the world, and delta and
     # dsc_alpha are set on that scale (benchmarks/methods_tuning.md).
     temperature: Union[float, str] = "auto"
-    # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1. EWC-DC on same-class-val: scale 0.3 /
-    # 1 / 3 gave final fidelity 0.70 / 0.73 / 0.74; 3 did not hold on distinct-class-val (0.44 vs 0.46), so 1 stays.
+    # tau = scale x spread: 1 maps a typical per-pair error gap to logit gap 1. EWC-DC on known-same-class-val: scale 0.3 /
+    # 1 / 3 gave final fidelity 0.70 / 0.73 / 0.74; 3 did not hold on known-distinct-class-val (0.44 vs 0.46), so 1 stays.
     auto_temperature_scale: float = setting(1.0, positive=True)
     dc_loss: str = setting("l2", choices=("l2", "l1", "huber"))  # the DC error's per-pixel loss, as the denoising loss
     dc_max_batch: Optional[int] = None  # U-Net rows per chunk of the DC engine (None: autotuned; set it to pin results bitwise)
@@ -64,13 +64,13 @@ class EWCDCSettings(EWCSettings, DCScoreSettings):
     """EWC-DC's settings: EWC's, the DC scores', and the DC term's."""
 
     # delta: EWC-DC's DC-term weight. The term's gradient is ~ delta / tau times the denoising loss's, and auto tau
-    # is ~5e-4..1e-3 on the world, so delta ~ tau puts the two on one scale. Chosen on same-class-val
+    # is ~5e-4..1e-3 on the world, so delta ~ tau puts the two on one scale. Chosen on known-same-class-val
     # (scripts/tune_methods.py, benchmarks/methods_tuning.md; lambda 1): final fidelity 0.73 at 1e-3, 0.63 at 1e-4;
     # at the old 0.1 no concept after the first was learned (0.00-0.02).
     delta: float = setting(1e-3, nonnegative=True)
     # EWC-DC's term for the earlier concepts and c_0 (i != n): "spec" = the paper's -H(p, c_i), unbounded below
     # (the loss falls as the U-Net predicts worse under c_i); "complement" = -log(1 - p(c_i)) (unlikelihood),
-    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Chosen on same-class-val (delta
+    # >= 0 and fading once p(c_i) is small; "none" = the pull H(p, c_n) alone. Chosen on known-same-class-val (delta
     # 1e-3, lambda 1): final fidelity complement 0.73, none 0.71, spec 0.00 (it erased every concept, the first too).
     dc_push: str = setting("complement", choices=("spec", "complement", "none"))
     # eps: the pull is the cross-entropy against q_n = 1 - eps, q_i = eps/(|S|-1); 0 = spec. Same-class-val: 0.1 gave
