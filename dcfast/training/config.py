@@ -56,7 +56,7 @@ class TrainConfig:
     revision: Optional[str] = None  # Hub ids: the cached branch, tag or commit to load (None: main)
     variant: Optional[str] = None  # weight-file variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors); None: default
     output_dir: str = setting("runs/dcfast", resumable=True)  # where task_{i}/ outputs and checkpoints are written
-    method: str = "ewc-dc"  # a method of dcfast.training.methods (lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora)
+    method: str = "ewc-dc"  # a method of dcfast.training.methods (lora | ewc | ewc-dc | dsc | dsc+ewc-dc | c-lora | ti | joint)
     tasks: List[TaskConfig] = field(default_factory=list)  # [{images: <folder>, class_word: <word>, prompt?, eval_images?}]
 
     # Prompts. c_i = tasks[i].prompt with {token}=<v_i>; c_0 = pretrained_concept_prompt.

@@ -18,7 +18,8 @@ from dcfast.engine.targets import default_timesteps, training_target
 
 def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
                  noise_offset: float = 0.0) -> torch.Tensor:
-    """L_denoise = E ||target - model(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D).
+    """L_denoise = E ||target - model(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D), or
+    (B, L, D) for one condition per image.
 
     target = eps (epsilon models) or v = scheduler.get_velocity(x0, eps, t) (v-prediction models).
     `noise_offset` > 0 adds a per-(image, channel) constant of that std to eps (offset noise, as

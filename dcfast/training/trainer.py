@@ -226,11 +226,14 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
     if config.resume_from_checkpoint:
         _check_resumable(config, components.fingerprint)
         done = len(Run(config.output_dir).finished_tasks())
+        if method.joint and done < len(plan):
+            done = 0  # a joint run writes all its tasks at the end: some but not all means it must start over
         _restore_finished(models, method, config.output_dir, plan, done)
         path = (ckpt.latest_checkpoint(config.output_dir) if config.resume_from_checkpoint == "latest"
                 else Path(config.resume_from_checkpoint))
         checkpoint = ckpt.load_checkpoint(path) if path is not None else None
-        if checkpoint is not None and checkpoint.task != done + 1:
+        phases = _phases(method, plan, done)
+        if checkpoint is not None and (not phases or checkpoint.task != phases[0][-1].index):
             checkpoint = None  # a stale checkpoint of a task whose outputs are already written
     if accelerator.is_main_process:
         write_json(Path(config.output_dir) / RUN_FILE, {"config": config.to_dict(), "tasks": [t.to_json() for t in plan],
@@ -255,11 +258,12 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
     for task in plan[:done]:
         result.task_dirs.append(task_dir(config.output_dir, task.index))
         result.metrics.append(Run(config.output_dir).metrics(task.index))
-    for task in plan[done:]:
-        metrics = _train_task(config, components, models, method, plan, task, resolution, checkpoint, step_callback)
+    for phase in _phases(method, plan, done):
+        metrics = _train_task(config, components, models, method, plan, phase, resolution, checkpoint, step_callback)
         checkpoint = None
-        result.task_dirs.append(task_dir(config.output_dir, task.index))
-        result.metrics.append(metrics)
+        for task in phase:
+            result.task_dirs.append(task_dir(config.output_dir, task.index))
+            result.metrics.append({**metrics, "task": task.index})
     if accelerator.is_main_process:
         result.loss_curve = monitor.write_loss_curve(config.output_dir, len(plan))
         logger.info(f"  loss curve: {result.loss_curve}")
@@ -268,42 +272,65 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
     return result
 
 
+def _phases(method: Method, plan: List[Task], done: int) -> List[List[Task]]:
+    """What each training phase learns: one task after another, or, for a joint method, every task at once
+    (its tasks are written together at the end, so a run with some but not all of them written starts over)."""
+    if method.joint:
+        return [plan] if done < len(plan) else []
+    return [[task] for task in plan[done:]]
+
+
 def _train_task(config: TrainConfig, components: Components, models: Models, method: Method, plan: List[Task],
-                task: Dict, resolution: int, checkpoint: Optional[ckpt.Checkpoint],
+                phase: List[Task], resolution: int, checkpoint: Optional[ckpt.Checkpoint],
                 step_callback: Optional[StepCallback]) -> Dict[str, float]:
-    accelerator, n = models.accelerator, task.index
+    """Train one phase: a task (sequential methods) or every task at once (joint), for max_train_steps per task."""
+    accelerator, first, n = models.accelerator, phase[0].index, phase[-1].index
     started = time.time()
-    axis = monitor.StepAxis(config.max_train_steps, method.consolidation_steps())
+    steps = config.max_train_steps * len(phase)
+    axis = monitor.StepAxis(steps, method.consolidation_steps())
 
-    # a. The task's modifier token <v_n>: from the class word's embedding (C-LoRA: random).
-    token_id = add_token(models.tokenizer, models.text_encoder, task.token)
-    init = (random_embedding(models.text_encoder, _generator(config.seed, n, 999_983)) if method.random_token_init
-            else class_word_embedding(models.tokenizer, models.text_encoder, task.class_word))
-    models.token = ModifierToken(models.text_encoder, task.token, token_id, init)
+    # a. Each task's modifier token <v_i>: from the class word's embedding (C-LoRA: random).
+    tokens = []
+    for task in phase:
+        token_id = add_token(models.tokenizer, models.text_encoder, task.token)
+        init = (random_embedding(models.text_encoder, _generator(config.seed, task.index, 999_983))
+                if method.random_token_init else class_word_embedding(models.tokenizer, models.text_encoder, task.class_word))
+        tokens.append(ModifierToken(models.text_encoder, task.token, token_id, init))
+    models.token = tokens[-1]
 
-    # b. The task's images, in model space once (the VAE is frozen).
-    field_name = f"tasks[{n - 1}].images"
-    images = load_images(task.images, resolution, field=field_name).to(accelerator.device)
-    latents = _encode_images(components, images)
-    # Random crops / flips: the uncropped images stay, and each step's batch is cropped and encoded afresh.
-    uncropped = load_resized(task.images, resolution, field_name) if not config.center_crop or config.random_flip else None
+    # b. The tasks' images, in model space once (the VAE is frozen), each image with its task's prompt.
+    latents, uncropped, image_prompts = [], [], []
+    for task in phase:
+        field_name = f"tasks[{task.index - 1}].images"
+        images = load_images(task.images, resolution, field=field_name).to(accelerator.device)
+        latents.append(_encode_images(components, images))
+        image_prompts += [task.prompt] * images.shape[0]
+        # Random crops / flips: the uncropped images stay, and each step's batch is cropped and encoded afresh.
+        if not config.center_crop or config.random_flip:
+            uncropped += load_resized(task.images, resolution, field_name)
+    latents = torch.cat(latents)
+    uncropped = uncropped or None
     generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
                   "shared": _generator(config.seed, n, 0)}
-    data = TaskData(index=n, latents=latents, prompt=task.prompt, pretrained_concept_prompt=task.pretrained_concept_prompt,
-                    past_prompts=[t.prompt for t in plan[:n - 1]], generator=generators["local"],
-                    shared_generator=generators["shared"], seed=config.seed * 1009 + n)
+    last = phase[-1]
+    data = TaskData(index=n, latents=latents, prompt=last.prompt, pretrained_concept_prompt=last.pretrained_concept_prompt,
+                    past_prompts=[t.prompt for t in plan[:first - 1]], generator=generators["local"],
+                    shared_generator=generators["shared"], seed=config.seed * 1009 + n,
+                    image_prompts=image_prompts if len(phase) > 1 else None)
     with accelerator.autocast():  # the auto tau runs the U-Net, whose frozen weights may be fp16/bf16
         method.begin_task(data)
 
-    # c. Optimizer over the LoRA and the token (no weight decay on the token), LR schedule, prepare.
-    lora = list(models.lora().values())
-    params = lora + [models.token.param]
-    optimizer = _optimizer_class(config)(
-        [{"params": lora, "lr": config.learning_rate},
-         {"params": [models.token.param], "lr": config.token_learning_rate, "weight_decay": 0.0}],
-        betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    # c. Optimizer over the LoRA (unless the method leaves it alone) and the tokens (no weight decay on tokens).
+    lora = list(models.lora().values()) if method.trains_lora else []
+    token_params = [token.param for token in tokens]
+    params = lora + token_params
+    groups = [{"params": token_params, "lr": config.token_learning_rate, "weight_decay": 0.0}]
+    if lora:
+        groups.insert(0, {"params": lora, "lr": config.learning_rate})
+    optimizer = _optimizer_class(config)(groups, betas=(config.adam_beta1, config.adam_beta2),
+                                         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max(config.max_train_steps, 1))
+                                 num_training_steps=max(steps, 1))
     optimizer = accelerator.prepare(optimizer)  # the U-Net stays bare: gradients are averaged explicitly
 
     # d. Continue a killed run from its mid-task checkpoint: weights, optimizer, schedule, RNG.
@@ -311,7 +338,8 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     if checkpoint is not None:
         load_lora_state(models.unet, checkpoint.prefixed("lora."))
         with torch.no_grad():
-            models.token.param.copy_(checkpoint.tensors["token"])
+            for task, token in zip(phase, tokens):
+                token.param.copy_(checkpoint.tensors[_token_key(task)])
         ckpt.restore_optimizer(optimizer, checkpoint)
         lr_scheduler.load_state_dict(checkpoint.meta["lr_scheduler"])
         generators["shared"].set_state(checkpoint.tensors["rng.shared"])
@@ -325,8 +353,9 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     losses = history.train["loss"]
 
     # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
-    progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
-                    desc=f"task {n}/{len(plan)} ({config.method})", disable=not accelerator.is_local_main_process)
+    label = f"task {n}/{len(plan)}" if len(phase) == 1 else f"tasks {first}-{n} jointly"
+    progress = tqdm(range(first_step, steps), initial=first_step, total=steps,
+                    desc=f"{label} ({config.method})", disable=not accelerator.is_local_main_process)
     for step in progress:
         step_loss, step_parts = 0.0, {}
         for _ in range(config.gradient_accumulation_steps):
@@ -338,13 +367,14 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                                  center_crop=config.center_crop, random_flip=config.random_flip)
                 x0 = _encode_images(components, pixels.to(accelerator.device))
             with accelerator.autocast():
-                loss, logs = method.loss(x0)
+                loss, logs = (method.loss(x0) if data.image_prompts is None
+                              else method.loss(x0, [data.image_prompts[i] for i in batch.tolist()]))
             value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             if not torch.isfinite(torch.tensor(value)):
-                last = ckpt.latest_checkpoint(config.output_dir)
+                last_checkpoint = ckpt.latest_checkpoint(config.output_dir)
                 raise FloatingPointError(
                     f"loss became {value} at task {n} step {step + 1} (method {config.method}, parts {logs}); "
-                    f"stopped without saving. Last good checkpoint: {str(last) if last else 'none'} "
+                    f"stopped without saving. Last good checkpoint: {str(last_checkpoint) if last_checkpoint else 'none'} "
                     f"(resume with --resume_from_checkpoint latest after lowering learning_rate)")
             accelerator.backward(loss / config.gradient_accumulation_steps)
             step_loss += value / config.gradient_accumulation_steps
@@ -359,39 +389,49 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0],
                          **{f"loss/{k}": v for k, v in step_parts.items()}, "task": n},
-                        step=axis.train_step(n, step + 1))
-        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, n, step + 1, history)
+                        step=axis.train_step(first, step + 1))
+        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < steps:
+            _save_checkpoint(config, models, optimizer, lr_scheduler, generators, phase, tokens, step + 1, history)
         if step_callback is not None:
             step_callback(n, step + 1, models)
     progress.close()
 
-    # f. Freeze the token, consolidate (Fisher, DSC), write task_{n}/ (metrics.json last).
-    embedding = models.token.freeze()
+    # f. Freeze the tokens, consolidate (Fisher, DSC), write each task_{i}/ (metrics.json last).
+    embeddings = [token.freeze() for token in tokens]
     models.token = None
     if config.gradient_checkpointing:  # the Fisher's hooks must see each forward once, not again in the backward
         models.unet.disable_gradient_checkpointing()
 
     def log_consolidation(parts: Dict[str, float]) -> None:  # each consolidation step's loss parts (DSC)
         iteration = history.add_distill(parts)
-        accelerator.log({f"distill/{k}": v for k, v in parts.items()}, step=axis.consolidation_step(n, iteration))
+        accelerator.log({f"distill/{k}": v for k, v in parts.items()}, step=axis.consolidation_step(first, iteration))
 
     with accelerator.autocast():
         consolidation = method.end_task(data, log_consolidation)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-    metrics = {"task": n, "steps": config.max_train_steps, "final_loss": losses[-1] if losses else float("nan"),
+    # A joint phase's time is shared equally among its tasks, so that the run's seconds still sum over tasks.
+    metrics = {"steps": steps, "final_loss": losses[-1] if losses else float("nan"),
                "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
-               "seconds": time.time() - started, **consolidation}
+               "seconds": (time.time() - started) / len(phase), **consolidation}
+    if len(phase) > 1:
+        metrics["trained_jointly_with"] = [t.index for t in phase]
     if accelerator.is_main_process:
-        _write_task_outputs(config, method, models, task, embedding, metrics)
-        history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, axis.train_step(n, 0))
+        for task, embedding in zip(phase, embeddings):
+            _write_task_outputs(config, method, models, task, embedding, {"task": task.index, **metrics})
+        history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, axis.train_step(first, 0))
         ckpt.remove_checkpoints(config.output_dir)
         _validate_task(config, components, models, plan, n, axis)
         if config.eval_every_task:
-            _evaluate_task(config, n, accelerator.device)
+            for task in phase:
+                _evaluate_task(config, task.index, accelerator.device)
     accelerator.wait_for_everyone()
-    return metrics
+    return {"task": n, **metrics}
+
+
+def _token_key(task: Task) -> str:
+    """A task's token in a mid-task checkpoint."""
+    return f"token.{task.index}"
 
 
 def _validate_task(config: TrainConfig, components: Components, models: Models, plan: List[Task], n: int,
@@ -417,16 +457,16 @@ def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
 
 
 def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],
-                     task: int, step: int, history: monitor.LossHistory) -> None:
-    """Every process's RNG goes to the main process, which writes the checkpoint."""
+                     phase: List[Task], tokens: List[ModifierToken], step: int, history: monitor.LossHistory) -> None:
+    """Every process's RNG goes to the main process, which writes the checkpoint (named after the phase's last task)."""
     accelerator = models.accelerator
     local_states = accelerator.gather(generators["local"].get_state().unsqueeze(0))
     if accelerator.is_main_process:
         tensors = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
-        tensors["token"] = models.token.param.detach()
+        tensors.update({_token_key(task): token.param.detach() for task, token in zip(phase, tokens)})
         tensors.update({f"rng.local.{r}": s for r, s in enumerate(local_states)})
         tensors["rng.shared"] = generators["shared"].get_state()
-        ckpt.save_checkpoint(config.output_dir, task, step, tensors, optimizer,
+        ckpt.save_checkpoint(config.output_dir, phase[-1].index, step, tensors, optimizer,
                              {"lr_scheduler": lr_scheduler.state_dict(), "losses": history.train["loss"],
                               "loss_parts": history.parts()})
     accelerator.wait_for_everyone()

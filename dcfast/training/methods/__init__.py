@@ -11,7 +11,9 @@ from dcfast.training.methods.c_lora import CLoRA
 from dcfast.training.methods.dsc import DSC, DSCEWCDC
 from dcfast.training.methods.ewc import EWC
 from dcfast.training.methods.ewc_dc import EWCDC
+from dcfast.training.methods.joint import JointTraining
 from dcfast.training.methods.lora import SequentialLoRA
+from dcfast.training.methods.ti import TextualInversion
 
 REGISTRY: Tuple[Tuple[str, Type[Method]], ...] = (
     ("lora", SequentialLoRA),
@@ -20,6 +22,8 @@ REGISTRY: Tuple[Tuple[str, Type[Method]], ...] = (
     ("dsc", DSC),
     ("dsc+ewc-dc", DSCEWCDC),
     ("c-lora", CLoRA),
+    ("ti", TextualInversion),
+    ("joint", JointTraining),
 )
 METHODS: Dict[str, Type[Method]] = dict(REGISTRY)
 

@@ -4,7 +4,8 @@ The trainer owns the loop (optimizer, accumulation, checkpoints); a method owns 
 consolidation between tasks:
 
     method.begin_task(task)            before task n's first step
-    loss, logs = method.loss(x0)       every micro-step, on a batch of the task's latents
+    loss, logs = method.loss(x0)       every micro-step, on a batch of the task's latents (a joint method:
+                                       loss(x0, prompts), each latent's task prompt)
     metrics = method.end_task(task, log)   after the last step (the token is already frozen): Fisher, DSC;
                                        `log(parts)` records each consolidation step's loss parts
     method.state_dict() / load_state_dict(state)   what a resume at a task boundary needs
@@ -80,6 +81,9 @@ class TaskData:
     generator: torch.Generator = None  # this process's stream: batches, noise, timesteps
     shared_generator: torch.Generator = None  # identical on every process: subsets S, DSC teacher draws
     seed: int = 0  # base seed of per-image Fisher noise (same on every process)
+    # A joint phase (several tasks at once): each latent's own task prompt; the trainer hands the method each
+    # batch's prompts, `loss(x0, prompts)`. None for one task, whose images all have `prompt`.
+    image_prompts: Optional[List[str]] = None
 
 
 LogParts = Callable[[Dict[str, float]], None]
@@ -90,6 +94,8 @@ class Method:
 
     name: ClassVar[str] = ""
     random_token_init: ClassVar[bool] = False  # C-LoRA: modifier tokens start random
+    trains_lora: ClassVar[bool] = True  # False: the optimizer gets the token only (textual inversion)
+    joint: ClassVar[bool] = False  # True: every task trained at once, in one phase (the offline upper bound)
     Settings: ClassVar[Type[MethodSettings]] = MethodSettings  # the settings this method reads (none here)
 
     def __init__(self, config, models: Models):

@@ -1,0 +1,25 @@
+"""Joint training (the upper bound of continual learning, an offline reference, not a continual method): one LoRA
+learns every concept of the sequence at once, each with its own token, for the same total steps as the sequence
+(max_train_steps per task). Its task folders all hold that one final state (docs/design.md).
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from dcfast.training.methods.base import Method
+from dcfast.training.objectives import denoise_loss
+
+
+class JointTraining(Method):
+    """L = L_denoise of each image under its own concept's prompt, over a batch drawn from every task."""
+
+    name = "joint"
+    joint = True
+
+    def loss(self, x0: torch.Tensor, prompts: Optional[List[str]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        prompts = prompts if prompts is not None else [self.task.prompt] * x0.shape[0]
+        unique = list(dict.fromkeys(prompts))
+        conds = self.models.encode(unique)[torch.tensor([unique.index(p) for p in prompts])]
+        loss = denoise_loss(self.models.unet, self.models.noise_scheduler, x0, conds, self.task.generator,
+                            self.config.noise_offset)
+        return loss, {"denoise": loss.item()}
