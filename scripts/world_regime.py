@@ -1,16 +1,15 @@
-"""Measure the world's training regime for sequential LoRA on a *validation* sequence:
+"""Choose the world's training regime on the *validation* sequences (novel concepts):
 
-    python scripts/world_regime.py [--sequence same-class-val] [--seeds 0] [--output benchmarks/world_regime.md]
+    python scripts/world_regime.py [--sequences novel-same-class-val novel-distinct-class-val] [--seeds 0]
+        [--method lora] [--variants ...] [--workers 2] [--output benchmarks/world_regime.md]
 
-Issue 10: on the previous base model the concept lived in the frozen per-task token (textual inversion)
-and the shared LoRA barely moved, so nothing later tasks did could erase it. On Stable Diffusion,
-forgetting comes from the shared LoRA carrying the concepts. Each variant below changes one setting of
-the world regime (`dcfast.experiments.regimes.WORLD_TRAIN`) and reports F[1, 1] (concept 1 learned), F[1, N] (what
-is left of it at the end), their difference (forgetting of concept 1), every concept's fidelity right
-after its own task F[i, i] (was it learned?) and the mean final fidelity, so each setting's
-contribution shows.
+A novel concept (a shape the base model never saw) must be carried by the shared LoRA, as a face or a dog is on
+Stable Diffusion: the regime is the one where sequential LoRA learns each concept (plasticity, mean F[i, i]) and
+textual inversion (`--method ti`, the U-Net untouched) does not. Each variant is a set of TrainConfig values on
+top of `dcfast.experiments.regimes.WORLD_TRAIN`; the table reports every concept's fidelity right after its own
+task F[i, i], their mean (plasticity), fidelity forgetting over the first N-1 concepts, and final fidelity.
 
-Run on a validation sequence only: the regime is a hyperparameter; test sequences report.
+Run on validation sequences only: the regime is a hyperparameter; test sequences report.
 """
 from __future__ import annotations
 
@@ -19,60 +18,69 @@ import json
 import time
 from pathlib import Path
 
-from dcfast.io.atomic import write_atomic
+from dcfast.experiments.bench_methods import run_jobs
+from dcfast.experiments.bench_world import fidelity_summary
 from dcfast.experiments.regimes import WORLD_TRAIN
-from dcfast.experiments.runner import DemoConfig, run_method, write_concepts
+from dcfast.experiments.runner import DemoConfig, write_concepts
 
-# name -> TrainConfig overrides on top of WORLD_TRAIN
+ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
+WIDE = ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
+# name -> TrainConfig values on top of WORLD_TRAIN (in the order they were tried; benchmarks/world_regime.md)
 VARIANTS = {
-    "world regime": {},
-    "TrainConfig rates (lora 1e-4, token 5e-3)": {"learning_rate": 1e-4, "token_learning_rate": 5e-3},
-    "token only (lora lr 1e-7)": {"learning_rate": 1e-7},
-    "lora only (token lr 1e-7)": {"token_learning_rate": 1e-7},
-    "half the steps": {"max_train_steps": WORLD_TRAIN["max_train_steps"] // 2},
-    "twice the steps": {"max_train_steps": WORLD_TRAIN["max_train_steps"] * 2},
-    "rank 16": {"rank": 16},
-    "lora lr 3e-3": {"learning_rate": 3e-3},
-    "LoRA on attention, feed-forward and time-embedding projections": {
-        "target_modules": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]},
+    "200 steps, lora 1e-3, token 1e-3, rank 4 (known-world regime)": {
+        "max_train_steps": 200, "learning_rate": 1e-3, "token_learning_rate": 1e-3, "rank": 4},
+    "400 steps, lora 3e-3": {"max_train_steps": 400, "learning_rate": 3e-3, "token_learning_rate": 1e-3, "rank": 4},
+    "400 steps, lora 3e-3, rank 16": {"max_train_steps": 400, "learning_rate": 3e-3, "token_learning_rate": 1e-3,
+                                      "rank": 16},
+    "400 steps, lora 3e-3, LoRA on attention, feed-forward, projections, resnet convs": {
+        "max_train_steps": 400, "learning_rate": 3e-3, "token_learning_rate": 1e-3, "rank": 4, "target_modules": WIDE},
+    "600 steps, lora 3e-3": {"max_train_steps": 600, "learning_rate": 3e-3, "token_learning_rate": 1e-3, "rank": 4},
+    "400 steps, lora 3e-3, token 5e-3": {"max_train_steps": 400, "learning_rate": 3e-3, "token_learning_rate": 5e-3,
+                                         "rank": 4},
+    "600 steps, lora 3e-3, wide LoRA": {"max_train_steps": 600, "learning_rate": 3e-3, "token_learning_rate": 1e-3,
+                                        "rank": 4, "target_modules": WIDE},
+    "400 steps, lora 1e-2": {"max_train_steps": 400, "learning_rate": 1e-2, "token_learning_rate": 1e-3, "rank": 4},
 }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequence", default="same-class-val", help="a validation sequence of dcfast.world.scenes")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average")
+    parser.add_argument("--sequences", nargs="+", default=["novel-same-class-val"], help="validation sequences")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds")
+    parser.add_argument("--method", default="lora", help="the method run with each variant (lora, ti, ...)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants")
-    parser.add_argument("--output", default="benchmarks/world_regime.md", help="markdown table to write")
+    parser.add_argument("--token_rates", type=float, nargs="*", default=[],
+                        help="instead of --variants: the first variant at each of these token learning rates (ti's sweep)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once, one torch thread each")
+    parser.add_argument("--output", default="benchmarks/world_regime_rows.jsonl", help="JSON lines to append")
     parser.add_argument("--workdir", default="runs/world-regime", help="where the runs go")
-    parser.add_argument("--base_model", default=None, help="diffusers model dir (default: the shipped tiny base)")
-    parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     args = parser.parse_args(argv)
-    if not args.sequence.endswith("-val"):
-        raise SystemExit(f"--sequence: {args.sequence!r} is not a validation sequence; tune on *-val only")
-    rows = []
-    for name in args.variants:
-        for seed in args.seeds:
-            started = time.time()
-            config = DemoConfig(methods=["lora"], sequence=args.sequence, seed=seed, progress=False,
-                                output_dir=str(Path(args.workdir) / name.split(" (")[0].replace(" ", "-") / f"seed_{seed}"),
-                                train_overrides=VARIANTS[name], fidelity_images=args.fidelity_images,
-                                **({"base_model": args.base_model} if args.base_model else {}))
-            tasks = write_concepts(config)
-            result = run_method(config, "lora", tasks, str(Path(config.output_dir) / "lora"), log=lambda line: None)
-            data = json.loads(Path(result["report"]["metrics"]).read_text())
-            first = data["fidelity"]["all"][0]
-            rows.append({"variant": name, "seed": seed, "F11": first[0], "F1N": first[-1], "drop": first[0] - first[-1],
-                         "final": data["summary"]["final_fidelity"], "seconds": time.time() - started,
-                         "F_row1": first, "F_diag": [data["fidelity"]["all"][i][i] for i in range(len(first))]})
-            print(json.dumps(rows[-1]), flush=True)
-    lines = [f"`python scripts/world_regime.py --sequence {args.sequence} --seeds {' '.join(map(str, args.seeds))}` "
-             f"(sequential LoRA; world regime {WORLD_TRAIN})", "",
-             "| variant | seed | F[1,1] | F[1,N] | F[1,1]−F[1,N] | F[i,i] | final fidelity | s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['seed']} | {r['F11']:.3f} | {r['F1N']:.3f} | {r['drop']:.3f} | "
-              f"{' '.join(f'{v:.2f}' for v in r['F_diag'])} | {r['final']:.3f} | {r['seconds']:.0f} |" for r in rows]
-    write_atomic(args.output, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    print("\n".join(lines))
+    bad = [s for s in args.sequences if not s.endswith("-val")]
+    if bad:
+        raise SystemExit(f"--sequences: {bad} are not validation sequences; tune on *-val only")
+    variants = {name: VARIANTS[name] for name in args.variants}
+    if args.token_rates:
+        name, values = next(iter(variants.items()))
+        variants = {f"{name}, token {rate:g}": {**values, "token_learning_rate": rate} for rate in args.token_rates}
+    jobs = []
+    for name, values in variants.items():
+        for sequence in args.sequences:
+            for seed in args.seeds:
+                folder = Path(args.workdir) / sequence / name.replace(" ", "").replace(",", "_")[:80] / f"seed_{seed}"
+                config = DemoConfig(methods=[args.method], sequence=sequence, seed=seed, progress=False,
+                                    output_dir=str(folder), train_overrides=values)
+                jobs.append((sequence, seed, args.method, config, write_concepts(config), str(folder / args.method),
+                             name))
+    started = time.time()
+    run_jobs([job[:6] for job in jobs], args.workers)
+    with open(args.output, "a") as out:
+        for sequence, seed, method, config, _, run_dir, name in jobs:
+            row = {"variant": name, "values": {**WORLD_TRAIN, **config.train_overrides}, "sequence": sequence,
+                   "seed": seed, "method": method, **fidelity_summary(Path(run_dir))}
+            out.write(json.dumps(row) + "\n")
+            print(f"{name} | {sequence} | seed {seed} | {method} | F[i,i] {' '.join(f'{v:.2f}' for v in row['F_diag'])} "
+                  f"| plasticity {row['plasticity']:.3f} | forgetting {row['forgetting']:.3f} | final {row['final']:.3f}")
+    print(f"{len(jobs)} runs in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

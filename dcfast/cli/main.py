@@ -19,7 +19,7 @@ BENCHMARKS = {
     "fisher": ("dcfast.bench.fisher", "speedup_vs_naive max_rel_err peak_mem_ratio_vs_vmap"),
     "train": ("dcfast.bench.train", "max_step_ratio_vs_lora"),
     "methods": ("dcfast.experiments.bench_methods", ""),  # closes with `forgetting lora=<f> ewc=<f> ...` itself
-    "world": ("dcfast.experiments.bench_world", "state1_fidelity final_fidelity lora_forgetting"),
+    "world": ("dcfast.experiments.bench_world", "state1_fidelity lora_forgetting ti_fidelity joint_final_fidelity"),
 }
 # targets that repeat runs over seeds and write their runs under --output_dir
 SEEDED = {"methods": "dcfast-bench-methods", "world": "dcfast-bench-world"}
@@ -33,13 +33,13 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--json", metavar="FILE", help="also write rows, summary and environment to FILE as JSON")
     bench.add_argument("--seeds", type=int, default=3, help="methods and world: seeds per method (default: 3)")
     bench.add_argument("--workers", type=int, default=None,
-                       help="methods: runs at once, each in its own process with one torch thread "
+                       help="methods and world: runs at once, each in its own process with one torch thread "
                             "(default: 2 on a machine with 2+ cores, else 1)")
     bench.add_argument("--method", action="append", default=None, metavar="NAME",
                        help="methods: a method to run, repeatable (default: all six)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
-                       help="methods: a world test sequence to run, repeatable (default: same-class-test and "
-                            "distinct-class-test; --quick: same-class-test)")
+                       help="methods: a world test sequence to run, repeatable (default: known-same-class-test and "
+                            "known-distinct-class-test; --quick: known-same-class-test)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
@@ -48,8 +48,10 @@ def _add_bench(subparsers) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
+    if args.target in SEEDED:
+        extra["workers"] = args.workers or min(2, os.cpu_count() or 1)
     if args.target == "methods":
-        extra.update(workers=args.workers or min(2, os.cpu_count() or 1), sequences=args.sequence, methods=args.method)
+        extra.update(sequences=args.sequence, methods=args.method)
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.io.atomic import write_json_atomic
