@@ -427,6 +427,14 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
                 "or pass params= with the nn.Linear parameters to track"
             )
         chosen = [n for n, _ in lora if named[n].requires_grad]
+        uncovered = sorted({n.rsplit(".", 1)[0] for n, p in named.items() if p.requires_grad and n not in owners
+                            and any(part in ("lora_A", "lora_B") for part in n.split("."))})
+        if uncovered:  # a penalty over the tracked factors alone would leave these unprotected, silently
+            raise ValueError(
+                f"FisherAccumulator: {len(uncovered)} trainable LoRA factor(s) are not nn.Linear (e.g. "
+                f"{uncovered[0]!r}, a LoRA on a convolution); the per-sample Fisher covers nn.Linear only. "
+                "Target linear layers only (attention to_q/to_k/to_v/to_out.0, ff.net.*, time_emb_proj), "
+                "or pass params= to track a subset knowingly")
         if not chosen:
             raise ValueError(f"FisherAccumulator: {type(module).__name__} has {len(lora)} LoRA nn.Linear parameters "
                              "but none requires grad; unfreeze the adapter or pass params=")

@@ -440,6 +440,16 @@ def test_backward_outside_the_track_warns(unet):
     assert all(f.abs().max() == 0 for f in acc.fisher.values())
 
 
+def test_lora_on_a_convolution_is_refused_not_left_unprotected():
+    """The per-sample Fisher covers nn.Linear factors; a conv LoRA would escape every EWC penalty silently."""
+    unet = tiny_unet(seed=0, sample_size=SIZE)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=True, target_modules=["to_q", "conv1"]))
+    with pytest.raises(ValueError, match="not nn.Linear .*conv1.*Target linear layers only"):
+        FisherAccumulator(unet)
+    linear = [n for n, p in unet.named_parameters() if p.requires_grad and "to_q" in n]
+    assert len(FisherAccumulator(unet, params=linear).fisher) == len(linear)  # a subset chosen knowingly
+
+
 def test_model_without_lora_raises():
     with pytest.raises(ValueError, match="no peft LoRA layers"):
         FisherAccumulator(tiny_unet(seed=0, sample_size=SIZE))
