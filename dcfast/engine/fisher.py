@@ -1,10 +1,12 @@
-"""The Fisher accumulator: per-sample diagonal Fisher of nn.Linear parameters in one backward pass.
+"""The Fisher accumulator: per-sample diagonal Fisher of nn.Linear (and nn.Conv2d) parameters in one backward pass.
 
 EWC and EWC-DC (docs/design.md) need `F = sum_n g_n**2` with `g_n = d loss_n / d theta` per sample, never the
 square of a batch gradient. For an nn.Linear, sample n's weight gradient is G_n^T X_n (its output
 gradients times its input rows), so one batched backward pass with module hooks gives every g_n;
 `dcfast.ops.fisher_accumulate_` squares them into persistent float32 buffers tile by tile without
-writing them to memory (docs/design.md: the per-sample Fisher kernel). peft's LoRA factors `lora_A` / `lora_B` are plain nn.Linear.
+writing them to memory (docs/design.md: the per-sample Fisher kernel). peft's LoRA factors `lora_A` / `lora_B` are plain nn.Linear,
+or nn.Conv2d for a LoRA on a convolution: a convolution is the same product over its unfolded input patches (one
+row per output position, `torch.nn.functional.unfold`), its weight (O, C, kh, kw) seen as (O, C kh kw).
 
     acc = FisherAccumulator(unet)                  # every trainable LoRA nn.Linear of the model
     with acc.track(num_samples=N):                 # the next forward/backward holds N samples
@@ -32,10 +34,10 @@ ParamSpec = Union[str, nn.Parameter]
 
 @dataclass
 class _Layer:
-    """One tracked nn.Linear and the names of its tracked parameters (None: not tracked)."""
+    """One tracked nn.Linear or nn.Conv2d and the names of its tracked parameters (None: not tracked)."""
 
     name: str
-    module: nn.Linear
+    module: nn.Module
     weight: Optional[str]
     bias: Optional[str]
 
@@ -82,13 +84,13 @@ class _Track:
 
 
 class FisherAccumulator:
-    """Diagonal empirical Fisher `sum_n (d loss_n / d theta)**2` of nn.Linear parameters, per sample.
+    """Diagonal empirical Fisher `sum_n (d loss_n / d theta)**2` of nn.Linear / nn.Conv2d parameters, per sample.
 
     Args:
         module: the model (e.g. a diffusers U-Net with a peft LoRA adapter).
         params: what to track: parameter names (as in `module.named_parameters()`) or the parameters
-            themselves, each the weight or bias of an nn.Linear. Default: every trainable nn.Linear
-            under a peft `lora_A` / `lora_B` (the LoRA factors); a model without one is an error.
+            themselves, each the weight or bias of an nn.Linear or a plain nn.Conv2d. Default: every trainable
+            layer under a peft `lora_A` / `lora_B` (the LoRA factors); a model without one is an error.
 
     `fisher[name]` is a float32 tensor shaped like the parameter, on its device.
 
@@ -199,6 +201,9 @@ class FisherAccumulator:
                 "rows of each sample are known in advance (or use one track per chunk of whole samples)"
             )
         x = args[0] if args else kwargs["input"]
+        if isinstance(module, nn.Conv2d):  # (B, C, H, W) -> (B, positions, C kh kw): a linear map per position
+            x = torch.nn.functional.unfold(x.detach(), module.kernel_size, module.dilation, module.padding,
+                                           module.stride).transpose(1, 2)
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
         if rows == 0:
@@ -243,6 +248,8 @@ class FisherAccumulator:
         # Gradients stay as they arrive: 1/loss_scale is applied as loss_scale**-2 to the float32 squares.
         # Scaling fp16 gradients by 1/loss_scale (2**-16 under a GradScaler) would flush small entries
         # to zero before they are ever squared.
+        if isinstance(layer.module, nn.Conv2d):  # (B, O, H', W') -> rows of positions, as the input's
+            grad = grad.detach().flatten(2).transpose(1, 2)
         g = grad.detach().reshape(call.rows, grad.shape[-1])
         if g.dtype != x.dtype:
             common = torch.promote_types(g.dtype, x.dtype)
@@ -260,7 +267,7 @@ class FisherAccumulator:
             whole_g = g[head:tail].view(-1, per_sample, g.shape[-1])
             if layer.weight is not None:
                 whole_x = x[head:tail].view(-1, per_sample, x.shape[-1])
-                target = self.fisher[layer.weight]
+                target = self.fisher[layer.weight].view(whole_g.shape[-1], whole_x.shape[-1])
                 if scale2 == 1.0:
                     fisher_accumulate_(target, whole_g, whole_x)
                 else:
@@ -285,7 +292,8 @@ class FisherAccumulator:
 
     def _fold_partial(self, layer: _Layer, piece: _Partial) -> None:
         if piece.weight is not None:
-            self.fisher[layer.weight].add_(piece.weight.square(), alpha=piece.scale2)
+            target = self.fisher[layer.weight]
+            target.add_(piece.weight.square().view_as(target), alpha=piece.scale2)
         if piece.bias is not None:
             self.fisher[layer.bias].add_(piece.bias.square(), alpha=piece.scale2)
 
@@ -393,20 +401,27 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _is_lora_linear(name: str, module: nn.Module) -> bool:
+def _trackable(module: nn.Module) -> bool:
+    """An nn.Linear, or an nn.Conv2d whose per-sample gradient is the unfolded product (no groups, zero padding)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, nn.Linear)
+
+
+def _is_lora_layer(name: str, module: nn.Module) -> bool:
     parts = name.split(".")
-    return isinstance(module, nn.Linear) and ("lora_A" in parts or "lora_B" in parts)
+    return "lora_A" in parts or "lora_B" in parts
 
 
 def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> List[_Layer]:
-    """The nn.Linear layers to hook and which of their parameters to track, in module order."""
+    """The nn.Linear / nn.Conv2d layers to hook and which of their parameters to track, in module order."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     named = dict(module.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
-    owners: Dict[str, tuple] = {}  # parameter name -> (layer name, Linear, 'weight' | 'bias')
+    owners: Dict[str, tuple] = {}  # parameter name -> (layer name, layer, 'weight' | 'bias')
     for layer_name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear):
+        if not _trackable(sub):
             continue
         for attr in ("weight", "bias"):
             p = getattr(sub, attr)
@@ -414,12 +429,12 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
                 continue
             pname = name_of[id(p)]
             if pname in owners:
-                raise ValueError(f"parameter {pname!r} is shared by nn.Linear layers {owners[pname][0]!r} and "
+                raise ValueError(f"parameter {pname!r} is shared by layers {owners[pname][0]!r} and "
                                  f"{layer_name!r}; tied weights are not supported")
             owners[pname] = (layer_name, sub, attr)
 
     if params is None:
-        lora = [(n, o) for n, o in owners.items() if _is_lora_linear(o[0], o[1])]
+        lora = [(n, o) for n, o in owners.items() if _is_lora_layer(o[0], o[1])]
         if not lora:
             raise ValueError(
                 f"FisherAccumulator: {type(module).__name__} has no peft LoRA layers (nn.Linear under lora_A / "
@@ -431,10 +446,9 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
                             and any(part in ("lora_A", "lora_B") for part in n.split("."))})
         if uncovered:  # a penalty over the tracked factors alone would leave these unprotected, silently
             raise ValueError(
-                f"FisherAccumulator: {len(uncovered)} trainable LoRA factor(s) are not nn.Linear (e.g. "
-                f"{uncovered[0]!r}, a LoRA on a convolution); the per-sample Fisher covers nn.Linear only. "
-                "Target linear layers only (attention to_q/to_k/to_v/to_out.0, ff.net.*, time_emb_proj), "
-                "or pass params= to track a subset knowingly")
+                f"FisherAccumulator: {len(uncovered)} trainable LoRA factor(s) are neither nn.Linear nor a plain "
+                f"nn.Conv2d (e.g. {uncovered[0]!r}: grouped, or padded other than with zeros); the per-sample "
+                "Fisher covers those two only. Target other layers, or pass params= to track a subset knowingly")
         if not chosen:
             raise ValueError(f"FisherAccumulator: {type(module).__name__} has {len(lora)} LoRA nn.Linear parameters "
                              "but none requires grad; unfreeze the adapter or pass params=")
@@ -452,11 +466,11 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
             else:
                 raise TypeError(f"params: expected parameter names or parameters of the module, got {type(spec).__name__}")
         if not chosen:
-            raise ValueError("FisherAccumulator: params is empty; pass at least one trainable nn.Linear parameter")
+            raise ValueError("FisherAccumulator: params is empty; pass at least one trainable layer parameter")
         for n in chosen:
             if n not in owners:
                 raise ValueError(f"params: {n!r} (shape {tuple(named[n].shape)}) is not the weight or bias of an "
-                                 "nn.Linear; the per-sample Fisher is defined for nn.Linear (LoRA) parameters only")
+                                 "nn.Linear or a plain nn.Conv2d, the layers the per-sample Fisher is defined for")
             if not named[n].requires_grad:
                 raise ValueError(f"params: {n!r} does not require grad, so no backward pass reaches it")
 

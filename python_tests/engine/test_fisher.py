@@ -27,12 +27,12 @@ def rel_err(got, want):
     return max(((got[n].double() - want[n].double()).norm() / want[n].double().norm()).item() for n in want)
 
 
-def lora_unet(dtype=torch.float32):
-    """The tiny U-Net with LoRA on the attention projections; lora_B drawn non-zero (peft starts it at
-    zero, which would make every lora_A gradient zero)."""
+def lora_unet(dtype=torch.float32, target_modules=("to_q", "to_k", "to_v", "to_out.0")):
+    """The tiny U-Net with LoRA on the attention projections (or `target_modules`); lora_B drawn non-zero (peft
+    starts it at zero, which would make every lora_A gradient zero)."""
     unet = tiny_unet(seed=0, sample_size=SIZE)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(target_modules)))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -440,14 +440,50 @@ def test_backward_outside_the_track_warns(unet):
     assert all(f.abs().max() == 0 for f in acc.fisher.values())
 
 
-def test_lora_on_a_convolution_is_refused_not_left_unprotected():
-    """The per-sample Fisher covers nn.Linear factors; a conv LoRA would escape every EWC penalty silently."""
-    unet = tiny_unet(seed=0, sample_size=SIZE)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=True, target_modules=["to_q", "conv1"]))
-    with pytest.raises(ValueError, match="not nn.Linear .*conv1.*Target linear layers only"):
-        FisherAccumulator(unet)
-    linear = [n for n, p in unet.named_parameters() if p.requires_grad and "to_q" in n]
-    assert len(FisherAccumulator(unet, params=linear).fisher) == len(linear)  # a subset chosen knowingly
+def test_lora_on_convolutions_matches_the_naive_loop():
+    """A LoRA on the resnet convolutions (3x3 lora_A, 1x1 lora_B, nn.Conv2d) and on linear layers: the unfolded
+    per-sample Fisher equals N separate backward passes, every factor covered."""
+    unet = lora_unet(target_modules=("to_q", "conv1", "conv2", "proj_in"))
+    x0, noise, t, text = denoise_problem(3)
+    acc = FisherAccumulator(unet)
+    convs = [n for n in acc.fisher if "conv1" in n or "conv2" in n]
+    assert convs and all(acc.fisher[n].dim() == 4 for n in convs)
+    assert set(acc.fisher) == {n for n, p in unet.named_parameters() if p.requires_grad}
+    with acc.track(num_samples=3):
+        denoise_losses(unet, x0, noise, t, text).sum().backward()
+    unet.zero_grad(set_to_none=True)
+    want = naive(unet, denoise_losses, (x0, noise, t, text), list(acc.fisher))
+    assert rel_err(acc.fisher, want) < 1e-4
+
+
+def test_lora_on_convolutions_with_chunks_inside_an_image():
+    """Conv LoRA factors through chunks that split an image's K*T rows (the DC engine's chunking): the pieces of a
+    sample's unfolded gradient are summed before squaring, as for nn.Linear."""
+    unet = lora_unet(target_modules=("conv1", "conv2"))
+    gen = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, SIZE, SIZE, generator=gen), torch.randn(2, T, 4, SIZE, SIZE, generator=gen)
+    concepts, timesteps = torch.randn(K, TOKENS, 32, generator=gen), torch.tensor([100, 500, 900])
+
+    def losses(forward, x0, noise, label):
+        return dc_losses(forward, x0, noise, label, concepts, timesteps)
+
+    samples = (x0, noise, torch.tensor([0, 1]))
+    acc = FisherAccumulator(unet)
+    with acc.track(num_samples=2):
+        losses(chunked(unet, 4), *samples).sum().backward()
+    unet.zero_grad(set_to_none=True)
+    assert rel_err(acc.fisher, naive(unet, losses, samples, list(acc.fisher))) <= 1e-4
+
+
+def test_a_layer_the_fisher_cannot_follow_is_refused_not_left_unprotected():
+    """A grouped convolution's LoRA would escape every EWC penalty silently: refused, naming it."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    model.add_module("lora_A", nn.Sequential(nn.Conv2d(4, 4, 1, groups=4)))
+    model.add_module("lora_B", nn.Sequential(nn.Linear(4, 4)))
+    model.requires_grad_(True)
+    with pytest.raises(ValueError, match="neither nn.Linear nor a plain nn.Conv2d .*lora_A"):
+        FisherAccumulator(model)
+    assert len(FisherAccumulator(model, params=["lora_B.0.weight"]).fisher) == 1  # a subset chosen knowingly
 
 
 def test_model_without_lora_raises():
