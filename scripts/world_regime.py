@@ -25,6 +25,9 @@ from dcfast.experiments.runner import DemoConfig, write_concepts
 
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 WIDE = ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
+# Every nn.Linear of the U-Net's blocks: the Fisher accumulator (EWC, EWC-DC) covers nn.Linear LoRA factors only,
+# and conv1/conv2/proj_in/proj_out are Conv2d in the tiny base.
+WIDE_LINEAR = ATTENTION + ["ff.net.0.proj", "ff.net.2", "time_emb_proj"]
 # name -> TrainConfig values on top of WORLD_TRAIN (in the order they were tried; benchmarks/world_regime.md)
 VARIANTS = {
     "200 steps, lora 1e-3, token 1e-3, rank 4 (known-world regime)": {
@@ -40,6 +43,16 @@ VARIANTS = {
     "600 steps, lora 3e-3, wide LoRA": {"max_train_steps": 600, "learning_rate": 3e-3, "token_learning_rate": 1e-3,
                                         "rank": 4, "target_modules": WIDE},
     "400 steps, lora 1e-2": {"max_train_steps": 400, "learning_rate": 1e-2, "token_learning_rate": 1e-3, "rank": 4},
+    "1000 steps, lora 3e-3, wide LoRA": {"max_train_steps": 1000, "learning_rate": 3e-3, "token_learning_rate": 1e-3,
+                                         "rank": 4, "target_modules": WIDE},
+    "800 steps, lora 3e-3, wide LoRA, rank 16": {"max_train_steps": 800, "learning_rate": 3e-3,
+                                                 "token_learning_rate": 1e-3, "rank": 16, "target_modules": WIDE},
+    "600 steps, lora 3e-3, LoRA on every linear layer": {"max_train_steps": 600, "learning_rate": 3e-3,
+                                                          "token_learning_rate": 1e-3, "rank": 4,
+                                                          "target_modules": WIDE_LINEAR},
+    "600 steps, lora 3e-3, wide LoRA, batch 8": {"max_train_steps": 600, "learning_rate": 3e-3,
+                                                 "token_learning_rate": 1e-3, "rank": 4, "target_modules": WIDE,
+                                                 "train_batch_size": 8},
 }
 
 

@@ -34,12 +34,13 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--seeds", type=int, default=3, help="methods and world: seeds per method (default: 3)")
     bench.add_argument("--workers", type=int, default=None,
                        help="methods and world: runs at once, each in its own process with one torch thread "
-                            "(default: 2 on a machine with 2+ cores, else 1)")
+                            "(default: methods 2 on a machine with 2+ cores, else 1; world 3, a seed's three runs)")
     bench.add_argument("--method", action="append", default=None, metavar="NAME",
                        help="methods: a method to run, repeatable (default: all six)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
-                       help="methods: a world test sequence to run, repeatable (default: known-same-class-test and "
-                            "known-distinct-class-test; --quick: known-same-class-test)")
+                       help="methods and world: a world test sequence to run, repeatable (methods' default: "
+                            "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
+                            "world's: novel-same-class-test and known-same-class-test, --quick: the novel one)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)
@@ -49,9 +50,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
     extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
     if args.target in SEEDED:
-        extra["workers"] = args.workers or min(2, os.cpu_count() or 1)
+        default_workers = 3 if args.target == "world" else min(2, os.cpu_count() or 1)
+        extra.update(workers=args.workers or default_workers, sequences=args.sequence)
     if args.target == "methods":
-        extra.update(sequences=args.sequence, methods=args.method)
+        extra["methods"] = args.method
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.io.atomic import write_json_atomic

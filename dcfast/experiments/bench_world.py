@@ -75,9 +75,10 @@ def _verdicts(novel: Dict[str, Dict[str, Dict[str, float]]]) -> List[Dict[str, o
 
 
 def run(quick: bool = False, device: str = "cpu", seeds: int = 3, output_dir: str = "dcfast-bench-world",
-        config: Optional[DemoConfig] = None, workers: int = 2) -> Dict[str, object]:
+        config: Optional[DemoConfig] = None, workers: int = 3, sequences: Optional[List[str]] = None) -> Dict[str, object]:
     """`lora`, `ti` and `joint` on the novel same-class test sequence (and the known one unless `quick`) for
-    `seeds` seeds (1 with `quick`), `workers` runs at once.
+    `seeds` seeds (1 with `quick`), `workers` runs at once. `sequences` replaces those two (the novel one first:
+    the closing line and the bars are read there).
 
     Returns {"rows": per (sequence, method, seed), "stats": {sequence: {method: {metric: mean/std/n}}},
     "bars": the yardstick's verdicts, "summary": the closing line's values, "table": markdown}.
@@ -89,7 +90,10 @@ def run(quick: bool = False, device: str = "cpu", seeds: int = 3, output_dir: st
     if seeds < 1:
         raise ValueError(f"seeds: must be >= 1, got {seeds}")
     seeds = 1 if quick else seeds
-    sequences = [NOVEL_SEQUENCE] if quick else [NOVEL_SEQUENCE, KNOWN_SEQUENCE]
+    default = [NOVEL_SEQUENCE] if quick else [NOVEL_SEQUENCE, KNOWN_SEQUENCE]
+    sequences = list(sequences or default)
+    if sequences[0] != NOVEL_SEQUENCE:
+        raise ValueError(f"sequences: the first must be {NOVEL_SEQUENCE!r}, where the bars are read; got {sequences}")
     base = replace(config or DemoConfig(), photos=False, progress=False)
     jobs = []
     for sequence in sequences:
@@ -108,7 +112,8 @@ def run(quick: bool = False, device: str = "cpu", seeds: int = 3, output_dir: st
     summary = {"state1_fidelity": novel["lora"]["state1"]["mean"], "lora_forgetting": novel["lora"]["forgetting"]["mean"],
                "ti_fidelity": novel["ti"]["plasticity"]["mean"], "joint_final_fidelity": novel["joint"]["final"]["mean"]}
     bars = _verdicts(novel)
-    command = "dcfast bench world" + (" --quick" if quick else f" --seeds {seeds}")
+    command = "dcfast bench world" + (" --quick" if quick else f" --seeds {seeds}") + "".join(
+        f" --sequence {name}" for name in sequences if sequences != default)
     table = _table(stats)
     bar_lines = "\n".join(f"- {b['method']} {b['metric']} {b['bar']}: {b['value']:.3f} "
                           f"({'holds' if b['holds'] else 'FAILS'})" for b in bars)

@@ -121,6 +121,7 @@ def test_novel_shapes_are_deterministic_inside_the_image_and_distinct():
     assert len(world.NOVEL_SHAPES) >= 8
     for index, shape in enumerate(world.NOVEL_SHAPES):
         concept = world.Concept("probe", shape, "red", "solid", "blue", "white")
+        assert np.abs(world.concept_scenes(concept, 64, 3).angle).max() <= world.NOVEL_TILT  # upright, as photographed
         first, again = renders(concept, 16, 7), renders(concept, 16, 7)
         assert torch.equal(first, again) and not torch.equal(first, renders(concept, 16, 8))
         for angle in angles:
