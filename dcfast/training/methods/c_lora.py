@@ -51,7 +51,7 @@ class CLoRA(Method):
         self.past.append(state)
         for name, layer in lora_layers(self.models.unet).items():
             a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
-            delta = layer.scaling[ADAPTER] * (b @ a)
+            delta = _delta(layer, a, b)
             layer.base_layer.weight += delta.to(layer.base_layer.weight)
             self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta
 
@@ -66,7 +66,7 @@ class CLoRA(Method):
         total = torch.zeros((), device=self.task.latents.device)
         for name, layer in lora_layers(self.models.unet).items():
             if name in self.w_past:
-                delta = layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight)
+                delta = _delta(layer, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
                 total = total + (self.w_past[name] * delta).pow(2).sum()
         return self.settings.clora_lambda * total
 
@@ -93,3 +93,10 @@ class CLoRA(Method):
             stacked[name] = torch.cat([lora[name] for lora in loras], dim=dim)
         n = len(loras)
         return stacked, n * self.config.rank, n * self.config.resolved_lora_alpha()
+
+
+def _delta(layer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight update scaling * B A of a LoRA layer, shaped like its base weight: a convolution's factors
+    (r, C, kh, kw) and (O, r, 1, 1) multiply as matrices (r, C kh kw) and (O, r)."""
+    weight = layer.base_layer.weight
+    return (layer.scaling[ADAPTER] * (b.flatten(1) @ a.flatten(1))).view(weight.shape)
