@@ -249,7 +249,7 @@ class FisherAccumulator:
         # Scaling fp16 gradients by 1/loss_scale (2**-16 under a GradScaler) would flush small entries
         # to zero before they are ever squared.
         if isinstance(layer.module, nn.Conv2d):  # (B, O, H', W') -> rows of positions, as the input's
-            grad = grad.detach().flatten(2).transpose(1, 2)
+            grad = grad.flatten(2).transpose(1, 2)
         g = grad.detach().reshape(call.rows, grad.shape[-1])
         if g.dtype != x.dtype:
             common = torch.promote_types(g.dtype, x.dtype)
@@ -408,7 +408,8 @@ def _trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _is_lora_layer(name: str, module: nn.Module) -> bool:
+def _is_lora(name: str) -> bool:
+    """A module or parameter name under a peft LoRA factor (`lora_A` / `lora_B`)."""
     parts = name.split(".")
     return "lora_A" in parts or "lora_B" in parts
 
@@ -434,7 +435,7 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
             owners[pname] = (layer_name, sub, attr)
 
     if params is None:
-        lora = [(n, o) for n, o in owners.items() if _is_lora_layer(o[0], o[1])]
+        lora = [(n, o) for n, o in owners.items() if _is_lora(o[0])]
         if not lora:
             raise ValueError(
                 f"FisherAccumulator: {type(module).__name__} has no peft LoRA layers (nn.Linear under lora_A / "
@@ -442,8 +443,8 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
                 "or pass params= with the nn.Linear parameters to track"
             )
         chosen = [n for n, _ in lora if named[n].requires_grad]
-        uncovered = sorted({n.rsplit(".", 1)[0] for n, p in named.items() if p.requires_grad and n not in owners
-                            and any(part in ("lora_A", "lora_B") for part in n.split("."))})
+        uncovered = sorted({n.rsplit(".", 1)[0] for n, p in named.items()
+                            if p.requires_grad and n not in owners and _is_lora(n)})
         if uncovered:  # a penalty over the tracked factors alone would leave these unprotected, silently
             raise ValueError(
                 f"FisherAccumulator: {len(uncovered)} trainable LoRA factor(s) are neither nn.Linear nor a plain "

@@ -24,6 +24,8 @@ reporting) use disjoint concepts.
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -535,8 +537,6 @@ def check_unseen(model_dir: Union[str, Path], concepts: Sequence[Concept]) -> No
 
     A novel-concept yardstick means nothing on a base that learned the shapes: the LoRA would not have to carry them.
     """
-    import json
-
     novel = sorted({c.shape for c in concepts if c.novel})
     if not novel:
         return
