@@ -111,8 +111,9 @@ def test_auto_temperature_is_the_spread_of_error_gaps(name):
             # with the tau the method measured (equal to `expected` to float32 rounding, checked above), and a
             # float32 tolerance relative to the loss's scale: the two paths sum the errors in other orders
             hand = -formulas.log_probs(models, x0, formulas.encode(models, S), t, noise, method.temperature)[:, 0]
-            torch.testing.assert_close(method.fisher_losses(task)([0]), hand, rtol=1e-4,
-                                       atol=1e-6 * max(1.0, hand.abs().item()))
+            objective = method.fisher_objective(task)
+            torch.testing.assert_close(objective.losses([0]), objective.scale * hand.double(), rtol=1e-4,
+                                       atol=1e-6 * objective.scale * max(1.0, hand.abs().item()))
     metrics = method.end_task(task)
     assert metrics["temperature"] == method.temperature  # into the task's metrics.json
 
@@ -176,3 +177,79 @@ def test_fisher_is_per_sample_normalised_and_merged_online(name, normalize, pred
     if normalize == "mean":  # each task adds mean 1, whatever loss the Fisher comes from
         added = sum((method.fisher.fisher[n] - 0.5 * past[n]).sum() for n in params) / sum(p.numel() for p in params.values())
         assert added.item() == pytest.approx(1.0, rel=1e-4)
+
+
+# --- saturated DC scores: p(c_n) ~ 1 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("margin", [20.0, 120.0])
+def test_dc_log_probs_keep_value_and_gradient_where_p_cn_rounds_to_one(margin):
+    """log p and the gradient of -log p(c_n) against float64 by hand at logit margins 20 and 120, where float32
+    log_softmax rounds log p(c_n) to 0 and loses the gradient's c_n part (from a margin of about 17)."""
+    from dcfast.training.objectives import dc_log_softmax
+
+    logits = torch.tensor([[3.0, 3.0 - margin, 3.0 - margin - 1.5]])  # float32, c_n first
+    leaf = logits.double().requires_grad_(True)
+    log_p = dc_log_softmax(leaf)
+    (-log_p[0, 0]).backward()
+    others = [math.exp(-margin), math.exp(-margin - 1.5)]  # p(c_i) / p(c_n), exact in float64 at both margins
+    p_others = [o / (1 + sum(others)) for o in others]
+    want_log_p = [-math.log1p(sum(others))] + [math.log(p) for p in p_others]
+    want_grad = [-sum(p_others)] + p_others  # p - onehot(c_n), its c_n entry summed, never 1 - p(c_n)
+    for got, want in zip(log_p[0].tolist() + leaf.grad[0].tolist(), want_log_p + want_grad):
+        assert got == pytest.approx(want, rel=1e-9)
+    assert log_p.dtype == torch.float64 and log_p[0, 0].item() < 0
+    # what the stable form replaces: float32 log_softmax has lost the c_n part at these margins
+    plain = logits.clone().requires_grad_(True)
+    (-torch.log_softmax(plain, dim=-1)[0, 0]).backward()
+    assert plain.grad[0, 0].item() == 0.0
+
+
+def _saturated_task(margin):
+    """EWC-DC on the toy model with one image whose best concept is c_n by a logit margin of `margin`: S is
+    ordered so that the concept with the lowest DC error comes first, and tau is the gap / margin."""
+    import dataclasses
+
+    method, params, task = formulas.toy_method("ewc-dc", temperature=1.0, fisher_normalize="mean")
+    models = method.models
+    x0 = task.latents[:1]
+    t, noise = fisher_pairs(models.noise_scheduler, x0, [0], 2, task.seed)
+    with torch.no_grad():
+        err = formulas.errors(models, x0, formulas.encode(models, S), t, noise).mean(-1)[0].double()
+    order = err.argsort().tolist()
+    prompts = [S[k] for k in order]
+    gap = float(err[order[1]] - err[order[0]])
+    task = dataclasses.replace(task, latents=x0, prompt=prompts[0], pretrained_concept_prompt=prompts[1],
+                               past_prompts=prompts[2:])
+    method.temperature = gap / margin
+    return method, params, task, prompts
+
+
+@pytest.mark.parametrize("margin", [20.0, 120.0])
+def test_dc_fisher_holds_its_information_where_p_cn_saturates(margin):
+    """The normalised DC Fisher of an image classified with p(c_n) ~ 1 (margin 120: 1 - p ~ 1e-52) against a
+    float64 reference (the U-Net in float64, the per-sample gradient squared): the float32 log_softmax Fisher
+    is exactly zero at margin 120 (no protection at all), and is wrong at margin 20."""
+    import copy
+
+    method, params, task, prompts = _saturated_task(margin)
+    models = method.models
+    reference = copy.deepcopy(models.unet).double()
+    ref_params = {n: p for n, p in reference.named_parameters() if n in params}
+    t, noise = fisher_pairs(models.noise_scheduler, task.latents, [0], 2, task.seed)
+    conds = formulas.encode(models, prompts).double()
+    ref_models = type(models)(reference, models.text_encoder, models.tokenizer, models.noise_scheduler, models.accelerator)
+    err = formulas.errors(ref_models, task.latents.double(), conds, t.clone(), noise.double()).mean(-1)
+    logits = -err / method.temperature
+    loss = torch.log1p(torch.exp(logits[0, 1:] - logits[0, 0]).sum())  # -log p(c_n), float64 throughout
+    grads = torch.autograd.grad(loss, list(ref_params.values()))
+    want = {n: g ** 2 for n, g in zip(ref_params, grads)}
+    raw_mean = sum(w.sum() for w in want.values()).item() / sum(w.numel() for w in want.values())
+    assert raw_mean > 0
+    for n in params:
+        method.fisher.fisher[n].zero_()
+    metrics = method.end_task(task)
+    assert metrics["fisher_saturated_fraction"] == 1.0
+    assert metrics["fisher_raw_mean"] == pytest.approx(raw_mean, rel=1e-3)
+    for n in params:  # gamma * 0 + F_n / mean(F_n)
+        torch.testing.assert_close(method.fisher.fisher[n].double(), want[n] / raw_mean, rtol=2e-3,
+                                   atol=1e-4 * (want[n].max().item() / raw_mean))

@@ -126,8 +126,8 @@ class Distiller:
             eps_s_n = predict_rows(unet, scheduler, x0, c_n, timesteps, noise)
             eps_s_m = predict_rows(unet, scheduler, x0, c_m, timesteps, noise)
         parts = {  # KL(p_T || p_S): the student matches each teacher's scores
-            "dsc_kl_t1": F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean"),
-            "dsc_kl_t2": F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean"),
+            "dsc_kl_t1": F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean").float(),  # float64 inside
+            "dsc_kl_t2": F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean").float(),
             "dsc_mse_t1": F.mse_loss(eps_s_n.float(), eps_t1.float()),
             "dsc_mse_t2": F.mse_loss(eps_s_m.float(), eps_t2.float()),
         }

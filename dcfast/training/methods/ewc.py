@@ -8,7 +8,7 @@ lambda means the same for EWC and EWC-DC, whose raw Fisher sums differ by orders
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -48,6 +48,19 @@ class EWCSettings(MethodSettings):
         return found
 
 
+@dataclass
+class FisherObjective:
+    """What F_n is taken from: `losses(ids)`, the (len(ids),) per-sample losses times `scale` (so F_n is their
+    squared gradients' sum divided by scale^2), and what the method records about them into the task's metrics.
+
+    The scale keeps a saturated loss's gradients (EWC-DC's -log p(c_n) near 0) inside float32's range while they are
+    squared and summed; a normalised Fisher does not depend on it."""
+
+    losses: Callable[[List[int]], torch.Tensor]
+    scale: float = 1.0
+    record: Dict[str, float] = field(default_factory=dict)
+
+
 class EWC(Method):
     """Sequential LoRA plus the online-EWC penalty."""
 
@@ -69,7 +82,7 @@ class EWC(Method):
         denoise, penalty = self.denoise(x0), self.penalty()
         return denoise + penalty, {"denoise": denoise.item(), "penalty": penalty.item()}
 
-    def fisher_losses(self, task: TaskData) -> Callable[[List[int]], torch.Tensor]:
+    def fisher_objective(self, task: TaskData) -> FisherObjective:
         """Per-sample losses whose squared gradients make F_n: the denoising loss under c_n."""
         models = self.models
         with torch.no_grad():
@@ -80,7 +93,7 @@ class EWC(Method):
             t, noise = fisher_pairs(models.noise_scheduler, x0, ids, self.settings.fisher_num_timesteps, task.seed)
             return per_sample_denoise_losses(models.unet, models.noise_scheduler, x0, cond, t, noise)
 
-        return losses
+        return FisherObjective(losses)
 
     def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
         models, settings = self.models, self.settings
@@ -90,16 +103,20 @@ class EWC(Method):
         self.fisher.reset()
         ids = shard(task.latents.shape[0], models.process_index, models.num_processes)
         label = f"task {task.index} Fisher ({self.name})" if models.accelerator.is_local_main_process else None
-        accumulate_fisher(self.fisher, self.fisher_losses(task), ids, settings.fisher_batch_size,
+        objective = self.fisher_objective(task)
+        accumulate_fisher(self.fisher, objective.losses, ids, settings.fisher_batch_size,
                           list(models.lora().values()), progress=label)
         self.fisher.all_reduce_()
         new = list(self.fisher.fisher.values())
-        raw_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))
-        if settings.fisher_normalize == "mean" and raw_mean > 0:
-            torch._foreach_mul_(new, 1.0 / raw_mean)
+        scaled_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))
+        if settings.fisher_normalize == "mean" and scaled_mean > 0:
+            torch._foreach_mul_(new, 1.0 / scaled_mean)
+        elif settings.fisher_normalize == "none" and objective.scale != 1.0:
+            torch._foreach_mul_(new, objective.scale ** -2)  # the raw F_n (a saturated one may round to 0 here)
         torch._foreach_add_(new, past, alpha=settings.gamma)  # F <- gamma F + F_n / s
         self.anchor = lora_state(models.unet)
-        return {"fisher_sum": float(sum(f.sum() for f in new)), "fisher_raw_mean": raw_mean}
+        return {"fisher_sum": float(sum(f.sum() for f in new)), "fisher_raw_mean": scaled_mean / objective.scale ** 2,
+                **objective.record}
 
     def fisher_state(self) -> Dict[str, torch.Tensor]:
         state = {f"fisher.{k}": v for k, v in self.fisher.state_dict().items()}

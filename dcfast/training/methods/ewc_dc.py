@@ -12,17 +12,21 @@ The DC-score settings (`DCScoreSettings`: k, T, tau, the error's loss, chunking)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from dcfast.engine.scores import dc_scores
 from dcfast.training.methods.base import LogParts, TaskData
-from dcfast.training.methods.ewc import EWC, EWCSettings
+from dcfast.training.methods.ewc import EWC, EWCSettings, FisherObjective
 from dcfast.training.objectives import (dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs,
                                      rows_denoise_loss, temperature_from_errors)
 from dcfast.training.settings import MethodSettings, is_number, setting
+
+# -log p(c_n) below this is p(c_n) > 1 - 1e-6: an image the model classifies as saturated (recorded per task)
+SATURATED_LOSS = -math.log1p(-1e-6)
 
 
 @dataclass
@@ -135,7 +139,12 @@ class EWCDC(EWC):
         models, settings = self.models, self.settings
         log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
                                  self.temperature, settings.dc_loss, settings.dc_max_batch)
-        return dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight)
+        return self.term(log_probs)
+
+    def term(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The DC term of float64 log-probabilities, as a float32 loss (the dtype of every other loss term)."""
+        settings = self.settings
+        return dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight).float()
 
     def denoise_and_dc(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
                        noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +153,7 @@ class EWCDC(EWC):
         log_probs, (rows,) = dc_log_probs_and_rows(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
                                                    self.temperature, (0,), settings.dc_loss, settings.dc_max_batch)
         denoise = rows_denoise_loss(models.noise_scheduler, x0, timesteps, noise, rows)
-        return denoise, dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight)
+        return denoise, self.term(log_probs)
 
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         task, settings = self.task, self.settings
@@ -158,8 +167,14 @@ class EWCDC(EWC):
         total = denoise + settings.delta * dc + penalty
         return total, {"denoise": denoise.item(), "dc": dc.item(), "penalty": penalty.item()}
 
-    def fisher_losses(self, task: TaskData) -> Callable[[List[int]], torch.Tensor]:
-        """Per-sample H(p_theta(.|x0), c_n) over S, each image's K*T rows in one unchunked pass."""
+    def fisher_objective(self, task: TaskData) -> FisherObjective:
+        """Per-sample H(p_theta(.|x0), c_n) = -log p(c_n) over S, each image's K*T rows in one unchunked pass.
+
+        A no-grad pass over the task's images first reads how saturated p(c_n) is: the losses are scaled by
+        1 / (their largest value) when that is below 1, so that the squared gradients of a task the model
+        classifies with p(c_n) ~ 1 stay in float32's range (recorded: the fraction of images whose
+        p(c_n) > 1 - 1e-6, and the scale).
+        """
         models, settings = self.models, self.settings
         with torch.no_grad():
             conds = models.encode(self.concepts(task, None))
@@ -172,7 +187,14 @@ class EWCDC(EWC):
                                      self.temperature, settings.dc_loss, max_batch=rows)
             return -log_probs[:, 0]
 
-        return losses
+        every, size = list(range(task.latents.shape[0])), settings.fisher_batch_size
+        with torch.no_grad():  # every image on every process: the same scale everywhere
+            unscaled = torch.cat([losses(every[k:k + size]) for k in range(0, len(every), size)])
+        largest = float(unscaled.max())
+        scale = 1.0 / largest if 0.0 < largest < 1.0 else 1.0
+        record = {"fisher_saturated_fraction": float((unscaled < SATURATED_LOSS).double().mean()),
+                  "fisher_loss_scale": scale}
+        return FisherObjective(lambda ids: scale * losses(ids), scale, record)
 
     def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
         return {**super().end_task(task, log), "temperature": self.temperature}
