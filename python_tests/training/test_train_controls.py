@@ -1,6 +1,8 @@
-"""The two controls every world table carries: textual inversion (`ti`) and joint training (`joint`)."""
+"""The two controls every world table carries, textual inversion (`ti`) and joint training (`joint`), and the
+Custom Diffusion baseline (`custom-diffusion`)."""
 import json
 
+import pytest
 import torch
 
 import dcfast
@@ -27,9 +29,11 @@ def test_ti_changes_no_unet_or_lora_weight_and_learns_each_token(make_config):
     assert all(torch.count_nonzero(v) == 0 for k, v in lora_state(result.method.models.unet).items() if "lora_B" in k)
     saved = load_tensors(task_dir(config.output_dir, 2) / "pytorch_lora_weights.safetensors")
     assert saved and all(torch.count_nonzero(v) == 0 for k, v in saved.items() if "lora_B" in k)
-    for i in (1, 2):  # each token moved in its own task
+    for i in (1, 2):  # each token moved in its own task, the LoRA in none, and metrics.json says so
         learned = load_tensors(task_dir(config.output_dir, i) / "learned_embeds.safetensors")[f"<v{i}>"]
         assert not torch.equal(learned, tokens_at_start[i][0])
+        recorded = Run(config.output_dir).metrics(i)
+        assert recorded["lora_change"] == 0.0 and recorded["token_change"] > 0
 
 
 def test_joint_learns_every_token_at_once_and_writes_every_task(make_config):
@@ -85,3 +89,25 @@ def test_joint_loss_conditions_each_image_on_its_own_prompt(make_config):
     expected = torch.stack(per_image).mean()
     scale = max(float(p.abs()) for p in per_image)
     assert abs(float(loss) - float(expected)) <= 1e-5 * scale
+
+
+def test_custom_diffusion_changes_only_cross_attention_kv_and_the_token(make_config):
+    from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
+
+    config = make_config("custom-diffusion", max_train_steps=3)
+    initial = load_components(config.pretrained_model_name_or_path)
+    add_lora(initial.unet, config.rank, config.resolved_lora_alpha(), config.target_modules, config.seed)
+    before = {k: v.clone() for k, v in initial.unet.state_dict().items()}
+    result = dcfast.train(config)
+    after = result.method.models.unet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(is_cross_attention_kv(k) and ".lora_" in k for k in moved), sorted(moved)[:4]
+    assert any(".attn2.to_k." in k for k in moved) and any(".attn2.to_v." in k for k in moved)
+    assert not any(".attn1." in k for k in moved)  # self-attention, also under the LoRA, stays
+    for i in (1, 2):
+        assert Run(config.output_dir).metrics(i)["token_change"] > 0
+
+
+def test_custom_diffusion_needs_the_lora_on_key_and_value(make_config):
+    with pytest.raises(ValueError, match="custom-diffusion trains the cross-attention to_k and to_v"):
+        make_config("custom-diffusion", target_modules=["to_q", "to_out.0"]).validate()

@@ -8,6 +8,7 @@ from typing import Dict, Tuple, Type
 
 from dcfast.training.methods.base import Method, Models, TaskData
 from dcfast.training.methods.c_lora import CLoRA
+from dcfast.training.methods.custom_diffusion import CustomDiffusion
 from dcfast.training.methods.dsc import DSC, DSCEWCDC
 from dcfast.training.methods.ewc import EWC
 from dcfast.training.methods.ewc_dc import EWCDC
@@ -23,6 +24,7 @@ REGISTRY: Tuple[Tuple[str, Type[Method]], ...] = (
     ("dsc+ewc-dc", DSCEWCDC),
     ("c-lora", CLoRA),
     ("ti", TextualInversion),
+    ("custom-diffusion", CustomDiffusion),
     ("joint", JointTraining),
 )
 METHODS: Dict[str, Type[Method]] = dict(REGISTRY)
