@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Dict, List
 
 from dcfast.experiments.bench_methods import run_jobs
 from dcfast.experiments.bench_world import fidelity_summary
 from dcfast.experiments.regimes import WORLD_TRAIN
-from dcfast.experiments.runner import DemoConfig, write_concepts
+from dcfast.experiments.runner import DemoConfig, evaluation_config, write_concepts
 
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 WIDE = ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
@@ -53,7 +55,27 @@ VARIANTS = {
     "600 steps, lora 3e-3, wide LoRA, batch 8": {"max_train_steps": 600, "learning_rate": 3e-3,
                                                  "token_learning_rate": 1e-3, "rank": 4, "target_modules": WIDE,
                                                  "train_batch_size": 8},
+    "1000 steps, lora 3e-3, wide LoRA, rank 8": {"max_train_steps": 1000, "learning_rate": 3e-3,
+                                                 "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE},
+    "1000 steps, lora 5e-3, wide LoRA": {"max_train_steps": 1000, "learning_rate": 5e-3, "token_learning_rate": 1e-3,
+                                         "rank": 4, "target_modules": WIDE},
 }
+
+
+def guidance_rows(run_dir: Path, guidances: List[float]) -> List[Dict[str, object]]:
+    """The run's fidelity summary sampled at each classifier-free guidance (fidelity only, into eval-guidance-G/):
+    the guidance is a sampling setting, read from one trained run."""
+    from dcfast.eval.evaluation import evaluate
+    from dcfast.eval.report import write_report
+
+    rows = []
+    for guidance in guidances:
+        out = run_dir / f"eval-guidance-{guidance:g}"
+        if not (out / "metrics.json").is_file():
+            config = replace(evaluation_config(DemoConfig(progress=False, fidelity_only=True)), guidance_scale=guidance)
+            write_report(evaluate(str(run_dir), num_images=config.num_images, config=config), out_dir=str(out))
+        rows.append({"guidance": guidance, **fidelity_summary(run_dir, eval_dir=out.name)})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -64,6 +86,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of the variants")
     parser.add_argument("--token_rates", type=float, nargs="*", default=[],
                         help="instead of --variants: the first variant at each of these token learning rates (ti's sweep)")
+    parser.add_argument("--guidances", type=float, nargs="*", default=[],
+                        help="also sample each finished run at these classifier-free guidances (a row each)")
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one torch thread each")
     parser.add_argument("--output", default="benchmarks/world_regime_rows.jsonl", help="JSON lines to append")
     parser.add_argument("--workdir", default="runs/world-regime", help="where the runs go")
@@ -81,7 +105,7 @@ def main(argv=None) -> None:
             for seed in args.seeds:
                 folder = Path(args.workdir) / sequence / name.replace(" ", "").replace(",", "_")[:80] / f"seed_{seed}"
                 config = DemoConfig(methods=[args.method], sequence=sequence, seed=seed, progress=False,
-                                    output_dir=str(folder), train_overrides=values)
+                                    output_dir=str(folder), train_overrides=values, fidelity_only=True)
                 jobs.append((sequence, seed, args.method, config, write_concepts(config), str(folder / args.method),
                              name))
     started = time.time()
@@ -90,9 +114,13 @@ def main(argv=None) -> None:
         for sequence, seed, method, config, _, run_dir, name in jobs:
             row = {"variant": name, "values": {**WORLD_TRAIN, **config.train_overrides}, "sequence": sequence,
                    "seed": seed, "method": method, **fidelity_summary(Path(run_dir))}
-            out.write(json.dumps(row) + "\n")
-            print(f"{name} | {sequence} | seed {seed} | {method} | F[i,i] {' '.join(f'{v:.2f}' for v in row['F_diag'])} "
-                  f"| plasticity {row['plasticity']:.3f} | forgetting {row['forgetting']:.3f} | final {row['final']:.3f}")
+            extra = [{**row, "variant": f"{name}, guidance {g['guidance']:g}", **g}
+                     for g in guidance_rows(Path(run_dir), args.guidances)]
+            for line in [row] + extra:
+                out.write(json.dumps(line) + "\n")
+                print(f"{line['variant']} | {sequence} | seed {seed} | {method} | F[i,i] "
+                      f"{' '.join(f'{v:.2f}' for v in line['F_diag'])} | plasticity {line['plasticity']:.3f} "
+                      f"| forgetting {line['forgetting']:.3f} | final {line['final']:.3f}", flush=True)
     print(f"{len(jobs)} runs in {time.time() - started:.0f} s")
 
 

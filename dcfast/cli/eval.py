@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's validation_guidance_scale, 5 on tiny-world "
                         "runs of the demo, else 7.5)")
+    p.add_argument("--fidelity_only", action="store_true",
+                   help="tiny-world runs: the oracle's fidelity matrices only, no DC accuracy or MMD (about half the time)")
     p.add_argument("--max_eval_images", type=int, default=8, help="cap on real held-out images per concept (0: all)")
     p.add_argument("--stages", type=_stages, default=DEFAULT_STAGES_TEXT,
                    help="DC adaptive elimination schedule 'pairs:keep,...' (default '8:2,32:1'; exhaustive: '32:1')")
@@ -64,7 +66,7 @@ def _evaluate_and_report(run_dir: str, args) -> dict:
     config = EvalConfig(num_images=args.num_images, num_inference_steps=args.num_inference_steps,
                         guidance_scale=guidance, max_eval_images=args.max_eval_images or None,
                         stages=args.stages, seed=args.seed, device=args.device, progress=not args.quiet,
-                        fidelity_images=args.fidelity_images)
+                        fidelity_images=args.fidelity_images, fidelity_only=args.fidelity_only)
     result = evaluate(run_dir, features=args.features, num_images=args.num_images, config=config)
     paths = write_report(result)
     print(f"{run_dir}: report {paths['report']}")

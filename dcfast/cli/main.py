@@ -40,7 +40,7 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods and world: a world test sequence to run, repeatable (methods' default: "
                             "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
-                            "world's: novel-same-class-test and known-same-class-test, --quick: the novel one)")
+                            "world's: novel-same-class-test and known-same-class-test, --quick: the novel one's first two concepts)")
     bench.add_argument("--output_dir", default=None,
                        help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
     bench.set_defaults(handler=_run_bench)

@@ -50,6 +50,7 @@ class EvalConfig:
     max_batch: Optional[int] = None  # U-Net rows per call (None: dcfast.engine.scores' default)
     fidelity_images: int = 32  # world runs: samples per (concept, state) the oracle judges; steps of 1/32
     oracle: Optional[str] = None  # world runs: oracle weights (None: the one shipped in the package)
+    fidelity_only: bool = False  # world runs: the oracle's fidelity only, no DC accuracy or MMD (about half the time)
     device: str = "cpu"
     progress: bool = True
 
@@ -92,10 +93,10 @@ class EvalResult:
     method: str
     features: str
     tasks: List[dict]
-    accuracy: torch.Tensor
-    mmd: torch.Tensor
+    accuracy: Optional[torch.Tensor]  # None: fidelity_only
+    mmd: Optional[torch.Tensor]
     i2i: Optional[torch.Tensor]
-    seconds_per_image: torch.Tensor
+    seconds_per_image: Optional[torch.Tensor]
     summary: Dict[str, Optional[float]]
     config: dict
     fidelity: Optional[Dict[str, torch.Tensor]] = None  # world runs: "all", then one matrix per attribute
@@ -156,6 +157,17 @@ def _load_oracle(config: EvalConfig):
     return load_oracle(config.oracle or ORACLE_FILE).to(config.device)
 
 
+_NOT_A_WORLD_RUN = ("{run_dir}: fidelity_only needs a tiny-world run (concepts the oracle reads), and this run's task "
+                    "images are not world renders: evaluate it without fidelity_only (--fidelity_only)")
+
+
+def _fidelity(oracle, generated: torch.Tensor, concept, config: EvalConfig) -> Dict[str, float]:
+    """The oracle's fidelity of the first `fidelity_images` samples to the concept (per attribute and "all")."""
+    from dcfast.world.oracle import fidelity, read_attributes
+
+    return fidelity(read_attributes(oracle, generated[:config.fidelity_images]), concept)
+
+
 def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, features=None,
                   config: Optional[EvalConfig] = None, real_features: Optional[Dict[int, torch.Tensor]] = None,
                   progress=None, oracle=None) -> TaskEval:
@@ -185,31 +197,34 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
     concepts = world_concepts(tasks)
     if concepts is not None and oracle is None:
         oracle = _load_oracle(config)
-    column = TaskEval(task_index, [], [], [] if is_clip else None, [], [], [] if concepts is not None else None)
+    if config.fidelity_only and concepts is None:
+        raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
+    column = TaskEval(task_index, [], [], [] if is_clip and not config.fidelity_only else None, [], [],
+                      [] if concepts is not None else None)
     for task in tasks[:task_index]:
         i = task.index
-        real = _real_images(task, size, config)
-        # accuracy: same (t, eps) pool for concept i in every state, so columns differ only by the model
-        x0 = to_model_space(pipe, real)
-        result = classify(pipe.unet, pipe.scheduler, x0, cond, stages=config.stages, loss=config.loss,
-                          max_batch=config.max_batch, generator=torch.Generator().manual_seed(config.seed + i))
-        column.accuracy.append(float((result.predictions == i - 1).double().mean()))
-        column.seconds_per_image.append(result.seconds_per_image)
-        column.unet_evals_per_image.append(result.unet_evals / real.shape[0])
-        # MMD: same initial noise for concept i in every state, so grids show one sample evolving
+        if not config.fidelity_only:
+            real = _real_images(task, size, config)
+            # accuracy: same (t, eps) pool for concept i in every state, so columns differ only by the model
+            x0 = to_model_space(pipe, real)
+            result = classify(pipe.unet, pipe.scheduler, x0, cond, stages=config.stages, loss=config.loss,
+                              max_batch=config.max_batch, generator=torch.Generator().manual_seed(config.seed + i))
+            column.accuracy.append(float((result.predictions == i - 1).double().mean()))
+            column.seconds_per_image.append(result.seconds_per_image)
+            column.unet_evals_per_image.append(result.unet_evals / real.shape[0])
+        # same initial noise for concept i in every state, so grids show one sample evolving
         count = config.num_images if concepts is None else max(config.num_images, config.fidelity_images)
         generated = generate(pipe, task.prompt, count, num_inference_steps=config.num_inference_steps,
                              guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(config.seed + i))
         if concepts is not None:
-            from dcfast.world.oracle import fidelity, read_attributes
-
-            column.fidelity.append(fidelity(read_attributes(oracle, generated[:config.fidelity_images]), concepts[i - 1]))
-        if i not in real_features:
-            real_features[i] = features(real)
-        fake = features(generated[:config.num_images])
-        column.mmd.append(metrics.mmd2_unbiased(fake, real_features[i]))
-        if column.i2i is not None:
-            column.i2i.append(cosine_i2i(fake, real_features[i]))
+            column.fidelity.append(_fidelity(oracle, generated, concepts[i - 1], config))
+        if not config.fidelity_only:
+            if i not in real_features:
+                real_features[i] = features(real)
+            fake = features(generated[:config.num_images])
+            column.mmd.append(metrics.mmd2_unbiased(fake, real_features[i]))
+            if column.i2i is not None:
+                column.i2i.append(cosine_i2i(fake, real_features[i]))
         column.samples[i] = to_uint8(generated[:config.grid_images])
         if progress is not None:
             progress.update(1)
@@ -218,21 +233,23 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
 
 # --- the whole run ----------------------------------------------------------------------------
 
+def _readable(read) -> dict:
+    """`read()` when it gives a dict, else {} (a missing or corrupt file)."""
+    try:
+        value = read()
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def run_info(run: Run, num_tasks: int) -> Tuple[str, Optional[float]]:
     """(method, training seconds or None) from the run's files, where present.
 
     The method is the run's config.method (else the folder name); the time sums "seconds" of every task's
     metrics.json (None when a task lacks it).
     """
-    def readable(read):
-        try:
-            value = read()
-            return value if isinstance(value, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    method = readable(run.config).get("method")
-    seconds = [readable(lambda: run.metrics(j)).get("seconds") for j in range(1, num_tasks + 1)]
+    method = _readable(run.config).get("method")
+    seconds = [_readable(lambda: run.metrics(j)).get("seconds") for j in range(1, num_tasks + 1)]
     total = float(sum(seconds)) if all(isinstance(s, (int, float)) for s in seconds) else None
     return method if isinstance(method, str) else run.path.resolve().name, total
 
@@ -278,6 +295,8 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     acc, mmd, sec = nan.clone(), nan.clone(), nan.clone()
     i2i = None
     oracle, fid = None, None
+    if config.fidelity_only and world_concepts(tasks) is None:
+        raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
     if world_concepts(tasks) is not None:
         from dcfast.world.scenes import ATTRIBUTES
 
@@ -289,9 +308,10 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
             bar.set_postfix_str(f"state {j}/{n}")
             column = evaluate_task(run_dir, j, tasks=tasks, features=extractor, config=config,
                                    real_features=real_features, progress=bar, oracle=oracle)
-            acc[:j, j - 1] = torch.tensor(column.accuracy, dtype=torch.float64)
-            mmd[:j, j - 1] = torch.tensor(column.mmd, dtype=torch.float64)
-            sec[:j, j - 1] = torch.tensor(column.seconds_per_image, dtype=torch.float64)
+            if not config.fidelity_only:
+                acc[:j, j - 1] = torch.tensor(column.accuracy, dtype=torch.float64)
+                mmd[:j, j - 1] = torch.tensor(column.mmd, dtype=torch.float64)
+                sec[:j, j - 1] = torch.tensor(column.seconds_per_image, dtype=torch.float64)
             if column.i2i is not None:
                 i2i = nan.clone() if i2i is None else i2i
                 i2i[:j, j - 1] = torch.tensor(column.i2i, dtype=torch.float64)
@@ -305,17 +325,24 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
         size = size or samples[(task.index, task.index)].shape[-1]
         real_samples[task.index] = to_uint8(_real_images(task, size, config)[:config.grid_images])
     label, train_seconds = run_info(run, n)
-    summary = metrics.summary(acc, mmd)
+    if config.fidelity_only:
+        acc = mmd = sec = None
+        summary = dict.fromkeys(("ammd", "bwt_mmd", "final_accuracy", "forgetting"))
+    else:
+        summary = metrics.summary(acc, mmd)
     summary.update({
         "final_i2i": float(i2i[:, -1].mean()) if i2i is not None else None,
-        "seconds_per_image": float(sec[~sec.isnan()].mean()),
+        "seconds_per_image": None if sec is None else float(sec[~sec.isnan()].mean()),
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start,
     })
     if fid is not None:
         summary.update(metrics.fidelity_summary(fid["all"], fid["shape"], fid["colour"]))
     task_info = [{"index": t.index, "token": t.token, "class_word": t.class_word, "prompt": t.prompt,
-                  "pretrained_concept_prompt": t.pretrained_concept_prompt, "eval_split": "held-out" if t.eval_images is not None else "train"} for t in tasks]
+                  "pretrained_concept_prompt": t.pretrained_concept_prompt,
+                  "eval_split": "held-out" if t.eval_images is not None else "train",
+                  **{key: _readable(lambda: run.metrics(t.index)).get(key) for key in ("lora_change", "token_change")}}
+                 for t in tasks]
     return EvalResult(run_dir=os.fspath(run_dir), method=method or label, features=extractor.name, tasks=task_info,
                       accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary, fidelity=fid,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},

@@ -70,6 +70,12 @@ def final_accuracy(accuracy: torch.Tensor) -> float:
     return final_score(accuracy, "accuracy")
 
 
+def plasticity(matrix: torch.Tensor, name: str = "matrix") -> float:
+    """Mean of each concept's score right after its own task, mean_i R[i, i]: what the method could learn."""
+    matrix = _check_matrix(name, matrix)
+    return float(matrix.diagonal().mean())
+
+
 def bwt(matrix: torch.Tensor, name: str = "matrix") -> float:
     """Backward transfer of a higher-is-better score (Lopez-Paz & Ranzato 2017), mean_{i<N} (R[i, N] - R[i, i]);
     negative = forgetting. NaN when N = 1."""
@@ -100,9 +106,11 @@ def summary(accuracy: torch.Tensor, mmd: torch.Tensor) -> Dict[str, float]:
 
 
 def fidelity_summary(fidelity: torch.Tensor, shape: torch.Tensor, colour: torch.Tensor) -> Dict[str, float]:
-    """Scalar metrics of the world's fidelity matrices (docs/world.md): final fidelity, BwT-fidelity,
-    fidelity forgetting, and final shape-only / colour-only fidelity."""
-    return {"final_fidelity": final_score(fidelity, "fidelity"), "bwt_fidelity": bwt(fidelity, "fidelity"),
+    """Scalar metrics of the world's fidelity matrices (docs/world.md): final fidelity, plasticity (mean F[i, i],
+    each concept right after its own task), BwT-fidelity, fidelity forgetting, and final shape-only / colour-only
+    fidelity."""
+    return {"final_fidelity": final_score(fidelity, "fidelity"), "plasticity": plasticity(fidelity, "fidelity"),
+            "bwt_fidelity": bwt(fidelity, "fidelity"),
             "fidelity_forgetting": forgetting(fidelity, "fidelity"),
             "final_shape_fidelity": final_score(shape, "shape fidelity"),
             "final_colour_fidelity": final_score(colour, "colour fidelity")}

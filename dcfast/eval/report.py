@@ -114,8 +114,10 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
               "final I2I | DC s/image | train s | eval s |", "|---|---|---|---|---|---|---|---|",
               "| " + " | ".join(_fmt(s.get(k)) for k in ("ammd", "bwt_mmd", "final_accuracy", "forgetting", "final_i2i",
                                                        "seconds_per_image", "train_seconds", "eval_seconds")) + " |", "",
-              "## Tasks", "", "| i | prompt | eval images |", "|---|---|---|"]
-    lines += [f"| {t['index']} | `{t['prompt']}` | {t['eval_split']} |" for t in data["tasks"]]
+              "## Tasks", "", "| i | prompt | eval images | ‖ΔLoRA‖ (task i moved the LoRA factors) | ‖Δtoken‖ |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {t['index']} | `{t['prompt']}` | {t['eval_split']} | {_fmt(t.get('lora_change'))} | "
+              f"{_fmt(t.get('token_change'))} |" for t in data["tasks"]]
     sections = [("Accuracy A[i, j] (DC classification of held-out images)", "accuracy"),
                 (f"MMD² M[i, j] ({data['features']})", "mmd"),
                 ("CLIP I2I[i, j]", "i2i"),
@@ -125,10 +127,11 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
             lines += ["", f"## {title}", "", _matrix_table(data[key])]
     if data.get("fidelity") is not None:
         lines += ["", "## Concept fidelity (tiny world, judged by the oracle)", "",
-                  "| final fidelity | BwT-fidelity (− = forgetting) | forgetting (first N−1) | final shape-only | "
-                  "final colour-only |", "|---|---|---|---|---|",
-                  "| " + " | ".join(_fmt(s.get(k)) for k in ("final_fidelity", "bwt_fidelity", "fidelity_forgetting",
-                                                           "final_shape_fidelity", "final_colour_fidelity")) + " |"]
+                  "| final fidelity | plasticity (mean F[i, i]) | BwT-fidelity (− = forgetting) | forgetting (first N−1) | "
+                  "final shape-only | final colour-only |", "|---|---|---|---|---|---|",
+                  "| " + " | ".join(_fmt(s.get(k)) for k in ("final_fidelity", "plasticity", "bwt_fidelity",
+                                                           "fidelity_forgetting", "final_shape_fidelity",
+                                                           "final_colour_fidelity")) + " |"]
         for name, matrix in data["fidelity"].items():
             label = "every defining attribute (shape and colour)" if name == "all" else f"{name} only"
             lines += ["", f"### F[i, j]: {label}", "", _matrix_table(matrix, digits=3)]
@@ -141,8 +144,12 @@ def write_report(result, out_dir: Optional[str] = None) -> Dict[str, str]:
     out_dir = out_dir or os.path.join(result.run_dir, EVAL_DIR)
     data = result.to_dict()
     paths = {"metrics": os.path.join(out_dir, "metrics.json")}
-    images = {"accuracy": _heatmap(data["accuracy"], "DC accuracy A[i, j]", os.path.join(out_dir, "accuracy.png"), "viridis"),
-              "mmd": _heatmap(data["mmd"], f"MMD² M[i, j]\n{data['features']}", os.path.join(out_dir, "mmd.png"), "magma_r")}
+    images = {}
+    if data["accuracy"] is not None:
+        images["accuracy"] = _heatmap(data["accuracy"], "DC accuracy A[i, j]", os.path.join(out_dir, "accuracy.png"),
+                                      "viridis")
+        images["mmd"] = _heatmap(data["mmd"], f"MMD² M[i, j]\n{data['features']}", os.path.join(out_dir, "mmd.png"),
+                                 "magma_r")
     if data["i2i"] is not None:
         images["i2i"] = _heatmap(data["i2i"], "CLIP I2I", os.path.join(out_dir, "i2i.png"), "viridis")
     if data.get("fidelity") is not None:

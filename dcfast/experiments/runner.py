@@ -45,6 +45,7 @@ class DemoConfig:
     num_eval_images: int = 8  # held-out images per concept for accuracy and MMD
     num_images: int = 8  # generated images per (concept, task state) for MMD
     fidelity_images: int = 32  # world: generated images per (concept, task state) the oracle judges
+    fidelity_only: bool = False  # world: evaluate the oracle's fidelity only (no DC accuracy, no MMD)
     num_inference_steps: int = 20  # DDIM steps when generating
     base_model: str = str(BASE_MODEL)
     train_overrides: Dict[str, object] = field(default_factory=dict)  # further TrainConfig fields
@@ -96,32 +97,64 @@ def evaluation_config(config: DemoConfig):
     return EvalConfig(num_images=config.num_images, num_inference_steps=config.num_inference_steps,
                       guidance_scale=regime.get("validation_guidance_scale", DEFAULT_GUIDANCE_SCALE),
                       max_eval_images=config.num_eval_images, seed=config.seed, progress=config.progress,
-                      fidelity_images=config.fidelity_images)
+                      fidelity_images=config.fidelity_images, fidelity_only=config.fidelity_only)
 
 
 def _as_json(value: object) -> object:
     return json.loads(json.dumps(value))
 
 
-def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
-    """The stored summary of a run in `run_dir` that was trained with exactly `train_settings` on the same base
-    model weights (run.json's fingerprint: a base replaced at the same path is not the same) and evaluated with
-    `eval_config` (progress display aside), or None (absent, unfinished or different)."""
+def same_evaluation(stored: Dict[str, object], eval_config) -> bool:
+    """Whether a stored evaluation's settings give what `eval_config` asks for: the same values (progress display
+    aside; a setting absent from an older evaluation had its default), where a full evaluation also serves one that
+    asks for the fidelity only."""
+    from dcfast.eval.evaluation import EvalConfig
+
+    defaults = _as_json(dataclasses.asdict(EvalConfig()))
+    for key, wanted in _as_json(dataclasses.asdict(eval_config)).items():
+        found = stored.get(key, defaults[key])
+        if key == "progress" or found == wanted or (key == "fidelity_only" and wanted and not found):
+            continue
+        return False
+    return True
+
+
+def finished_training(run_dir: str, train_settings) -> bool:
+    """Whether `run_dir` holds a run trained to its end with `train_settings` on the same base model weights
+    (run.json's fingerprint: a base replaced at the same path is not the same). Settings a resumed run may change
+    (output_dir, validation sampling, logging: `resumable`) do not change what was trained, and are not compared."""
     from dcfast.models.loading import model_fingerprint
     from dcfast.training.config import TrainConfig
+    from dcfast.training.settings import resumable
 
     run = Run(run_dir)
     try:
         trained = TrainConfig.from_dict(run.config(), ignore_other_methods=True)
-        metrics = run.evaluation()
         fingerprint = run.fingerprint()
+        finished = run.finished_tasks()
+        planned = len(run.tasks())
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if fingerprint != model_fingerprint(train_settings.pretrained_model_name_or_path) or len(finished) != planned:
+        return False
+    ignored = {f.name for f in dataclasses.fields(TrainConfig) if resumable(TrainConfig, f.name)}
+
+    def compared(settings) -> object:
+        return {k: v for k, v in _as_json(settings.to_dict()).items() if k not in ignored}
+
+    return compared(trained) == compared(train_settings)
+
+
+def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
+    """The stored summary of a run in `run_dir` that `finished_training` with `train_settings` and was evaluated
+    with `eval_config` (`same_evaluation`), or None (absent, unfinished or different)."""
+    if not finished_training(run_dir, train_settings):
+        return None
+    try:
+        metrics = Run(run_dir).evaluation()
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if fingerprint != model_fingerprint(train_settings.pretrained_model_name_or_path):
-        return None
-    wanted = {k: v for k, v in _as_json(dataclasses.asdict(eval_config)).items() if k != "progress"}
-    if _as_json(trained.to_dict()) != _as_json(train_settings.to_dict()) or not all(
-            metrics.get("config", {}).get(k) == v for k, v in wanted.items()):
+    if not same_evaluation(metrics.get("config", {}), eval_config):
         return None
     summary = metrics.get("summary", {})
     return summary if "train_seconds" in summary else None
@@ -132,7 +165,8 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     """Train one method on the tasks, evaluate every task state, write its report.
 
     `reuse`: a finished run already in `run_dir` with the same training and evaluation settings is
-    returned as it is (a killed benchmark resumes without redoing its finished runs).
+    returned as it is, and one with the same training but other evaluation settings is evaluated again
+    without training (a killed benchmark resumes without redoing its finished runs).
     Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
     """
     from dcfast.eval.evaluation import evaluate
@@ -146,14 +180,23 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
         eval_dir = Path(run_dir) / EVAL_DIR
         return {"method": method, "run_dir": run_dir, "summary": stored,
                 "report": {"report": str(eval_dir / "report.md"), "metrics": str(eval_dir / METRICS_FILE)}}
-    (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
-    log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
-    started = time.perf_counter()
-    train(train_settings)
-    train_seconds = time.perf_counter() - started
-    log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
+    train_seconds = None
+    if reuse and finished_training(run_dir, train_settings):
+        log(f"[{method}] reusing the trained run in {run_dir}; evaluating it again with other settings")
+        try:
+            train_seconds = Run(run_dir).evaluation()["summary"]["train_seconds"]  # the wall time measured then
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # else evaluate's: the sum of the tasks' recorded seconds
+    else:
+        (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
+        log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
+        started = time.perf_counter()
+        train(train_settings)
+        train_seconds = time.perf_counter() - started
+        log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
     result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
-    result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
+    if train_seconds is not None:
+        result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here
     paths = write_report(result)
     log(f"[{method}] evaluated in {result.summary['eval_seconds']:.0f} s; report {paths['report']}")
     return {"method": method, "run_dir": run_dir, "summary": dict(result.summary), "report": paths}

@@ -7,6 +7,7 @@ supplies the loss and the between-task consolidation; everything else lives here
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,8 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                 if method.random_token_init else class_word_embedding(models.tokenizer, models.text_encoder, task.class_word))
         tokens.append(ModifierToken(models.text_encoder, task.token, token_id, init))
     models.token = tokens[-1]
+    # what the phase starts from, to record what it moved (a resume rebuilds this same start before its restore)
+    start_lora, start_tokens = lora_state(models.unet), [token.param.detach().clone() for token in tokens]
 
     # b. The tasks' images, in model space once (the VAE is frozen), each image with its task's prompt.
     latents, uncropped, image_prompts = [], [], []
@@ -321,7 +324,7 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
         method.begin_task(data)
 
     # c. Optimizer over the LoRA (unless the method leaves it alone) and the tokens (no weight decay on tokens).
-    lora = list(models.lora().values()) if method.trains_lora else []
+    lora = [p for p in models.lora().values() if p.requires_grad] if method.trains_lora else []  # a method may freeze some
     token_params = [token.param for token in tokens]
     params = lora + token_params
     groups = [{"params": token_params, "lr": config.token_learning_rate, "weight_decay": 0.0}]
@@ -414,11 +417,13 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     metrics = {"steps": steps, "final_loss": losses[-1] if losses else float("nan"),
                "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
                "seconds": (time.time() - started) / len(phase), **consolidation}
+    metrics["lora_change"] = _distance(lora_state(models.unet), start_lora)
     if len(phase) > 1:
         metrics["trained_jointly_with"] = [t.index for t in phase]
     if accelerator.is_main_process:
-        for task, embedding in zip(phase, embeddings):
-            _write_task_outputs(config, method, models, task, embedding, {"task": task.index, **metrics})
+        for task, embedding, start in zip(phase, embeddings, start_tokens):
+            _write_task_outputs(config, method, models, task, embedding,
+                                {"task": task.index, **metrics, "token_change": _distance({"": embedding}, {"": start[0]})})
         history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, axis.train_step(first, 0))
         ckpt.remove_checkpoints(config.output_dir)
         _validate_task(config, components, models, plan, n, axis)
@@ -427,6 +432,13 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                 _evaluate_task(config, task.index, accelerator.device)
     accelerator.wait_for_everyone()
     return {"task": n, **metrics}
+
+
+def _distance(after: Dict[str, torch.Tensor], before: Dict[str, torch.Tensor]) -> float:
+    """The Frobenius norm of after - before over every named tensor: how far a phase moved the LoRA factors
+    (||delta LoRA||) or a token's embedding (||delta token||)."""
+    return math.sqrt(sum(float((after[k].double() - before[k].double().to(after[k].device)).pow(2).sum())
+                         for k in before))
 
 
 def _token_key(task: Task) -> str:

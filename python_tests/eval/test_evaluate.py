@@ -142,3 +142,9 @@ def test_real_trained_run(tmp_path, monkeypatch):
     lora.write_bytes(b"\x00" * 7)
     with pytest.raises(ValueError, match="corrupt run file .*task_2/pytorch_lora_weights.safetensors"):
         evaluate_task(str(tmp_path / "run"), 2, config=FAST)
+
+
+def test_fidelity_only_refuses_a_run_that_is_not_of_the_world(tmp_path):
+    run = toy_runs.make_run(str(tmp_path))
+    with pytest.raises(ValueError, match="fidelity_only needs a tiny-world run"):
+        evaluate(run, num_images=4, config=EvalConfig(**{**FAST.__dict__, "fidelity_only": True}))

@@ -96,6 +96,7 @@ def test_forgetting_counts_the_best_earlier_state_not_the_final_one():
     s = metrics.fidelity_summary(scores, scores, scores)
     assert s["final_fidelity"] == pytest.approx((0.6 + 0.7 + 0.2) / 3)
     assert s["bwt_fidelity"] == pytest.approx(((0.6 - 0.8) + (0.7 - 0.5)) / 2)
+    assert s["plasticity"] == pytest.approx((0.8 + 0.5 + 0.2) / 3)
 
 
 def test_matrix_shape_errors():

@@ -217,17 +217,29 @@ def test_demo_with_several_methods_writes_the_comparison(tiny_model_dir, tmp_pat
         run_demo(DemoConfig(output_dir=str(tmp_path / "bad"), methods=["sgd"], base_model=str(tiny_model_dir)))
 
 
-def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path):
+def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path, capsys):
     from dcfast.experiments import bench_methods as methods
 
     config = DemoConfig(num_tasks=2, max_train_steps=1, num_train_images=2, num_eval_images=2, num_images=2,
                         num_inference_steps=2, base_model=str(tiny_model_dir), progress=False)
-    result = methods.run(seeds=2, methods=["lora", "c-lora"], output_dir=str(tmp_path / "bench"), config=config)
+    result = methods.run(seeds=2, methods=["lora", "c-lora", "joint"], output_dir=str(tmp_path / "bench"),
+                         config=config)
+    stats = result["stats"]["novel-same-class-test"]
+    forgetting, final = capsys.readouterr().out.strip().splitlines()[-2:]  # the closing lines; joint never forgets
+    assert forgetting == "forgetting " + " ".join(f"{m}={stats[m]['fidelity_forgetting']['mean']:.4g}"
+                                                  for m in ("lora", "c-lora"))
+    assert final == "final " + " ".join(f"{m}={stats[m]['final_fidelity']['mean']:.4g}" for m in ("lora", "c-lora", "joint"))
+    result["rows"] = [r for r in result["rows"] if r["method"] != "joint"]
     assert [(r["method"], r["seed"]) for r in result["rows"]] == [("lora", 0), ("c-lora", 0), ("lora", 1), ("c-lora", 1)]
     for method in ("lora", "c-lora"):
-        seeds = [r["summary"]["ammd"] for r in result["rows"] if r["method"] == method]
-        assert result["stats"]["novel-same-class-test"][method]["ammd"]["mean"] == pytest.approx(np.mean(seeds))
-        assert result["stats"]["novel-same-class-test"][method]["ammd"]["std"] == pytest.approx(np.std(seeds, ddof=1))
+        seeds = [r["summary"]["plasticity"] for r in result["rows"] if r["method"] == method]
+        assert result["stats"]["novel-same-class-test"][method]["plasticity"]["mean"] == pytest.approx(np.mean(seeds))
+        assert result["stats"]["novel-same-class-test"][method]["plasticity"]["std"] == pytest.approx(np.std(seeds, ddof=1))
+    for lora, clora in zip(result["rows"][0::2], result["rows"][1::2]):  # the time ratio pairs runs of one seed
+        assert lora["summary"]["train_vs_lora"] == 1.0
+        assert clora["summary"]["train_vs_lora"] == pytest.approx(clora["summary"]["train_seconds"]
+                                                                  / lora["summary"]["train_seconds"])
+        assert lora["summary"]["final_accuracy"] is None  # fidelity only: DC accuracy is not the yardstick
     assert "± " in Path(result["paths"]["table"]).read_text()
     with Image.open(result["paths"]["plot"]) as image:
         image.verify()
@@ -241,7 +253,7 @@ def test_bench_methods_aggregates_over_seeds(tiny_model_dir, tmp_path):
     assert len(parallel["rows"]) == 2
     for serial_row, parallel_row in zip(result["rows"], parallel["rows"]):
         assert (serial_row["method"], serial_row["seed"]) == (parallel_row["method"], parallel_row["seed"])
-        for key in ("ammd", "final_fidelity", "final_accuracy"):
+        for key in ("plasticity", "final_fidelity", "fidelity_forgetting"):
             assert parallel_row["summary"][key] == pytest.approx(serial_row["summary"][key], rel=1e-3, abs=1e-6)
 
 
@@ -333,6 +345,13 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
 
     monkeypatch.setattr(trainer, "train", no_training)
     assert demo.run_method(config, "lora", tasks, run_dir, log=lambda line: None, reuse=True)["summary"] == stored_summary
+    # other sampling (a setting that does not change training) evaluates the trained run again, without training
+    sampled = demo.replace(config, train_overrides={"validation_guidance_scale": 3.0})
+    assert finished(sampled) is None
+    again = demo.run_method(sampled, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    assert again["summary"]["train_seconds"] == stored_summary["train_seconds"]
+    assert json.loads(Path(again["report"]["metrics"]).read_text())["config"]["guidance_scale"] == 3.0
+    assert finished(sampled) == again["summary"] and finished(config) is None
     with pytest.raises(AssertionError, match="trained again"):
         demo.run_method(demo.replace(config, max_train_steps=2), "lora", tasks, run_dir, log=lambda line: None, reuse=True)
     # the retraining removed the old metrics first: a killed new run is never taken for a finished one

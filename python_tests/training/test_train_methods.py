@@ -8,7 +8,9 @@ from safetensors import safe_open
 import dcfast
 from dcfast.training.methods import METHODS
 from dcfast.io.runs import Run, load_pipeline, load_tensors, task_dir
+from dcfast.models.loading import load_components
 from dcfast.training.config import TrainConfig
+from dcfast.training.tokens import class_word_embedding
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -55,6 +57,22 @@ def test_two_tasks_end_to_end(make_config, method):
     image = pipe(tasks[1].prompt, num_inference_steps=1, height=16, width=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (16, 16, 3)
+
+
+def test_metrics_record_how_far_each_task_moved_the_lora_and_its_token(make_config):
+    """||delta LoRA|| of task 2 is the distance between the LoRA files of states 1 and 2; ||delta token|| is the
+    distance of each learned token from its class word's embedding, where it started."""
+    config = make_config("lora", max_train_steps=3)
+    result = dcfast.train(config)
+    states = [load_tensors(folder / "pytorch_lora_weights.safetensors") for folder in result.task_dirs]
+    moved = sum(float((states[1][k].double() - states[0][k].double()).pow(2).sum()) for k in states[0]) ** 0.5
+    run = Run(config.output_dir)
+    assert run.metrics(2)["lora_change"] == pytest.approx(moved, rel=1e-6) and run.metrics(1)["lora_change"] > 0
+    base = load_components(config.pretrained_model_name_or_path)
+    for task in run.tasks():
+        start = class_word_embedding(base.tokenizer, base.text_encoder, task.class_word).double().view(-1)
+        learned = load_tensors(task_dir(config.output_dir, task.index) / "learned_embeds.safetensors")[task.token]
+        assert run.metrics(task.index)["token_change"] == pytest.approx((learned.double() - start).norm().item(), rel=1e-6)
 
 
 def test_token_only_its_task_and_other_rows_fixed(make_config):

@@ -271,6 +271,27 @@ def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
     assert "final fidelity" in result["table"]
 
 
+def test_fidelity_only_evaluation_reads_the_same_fidelity_without_accuracy_or_mmd(tmp_path, tiny_model):
+    """The bench's fidelity-only evaluation gives the full evaluation's fidelity matrices (same samples), no DC
+    accuracy or MMD, and a report without them; a full evaluation is reused where only fidelity is asked."""
+    from dcfast.eval.evaluation import evaluate
+    from dcfast.eval.report import write_report
+    from dcfast.experiments.runner import (evaluation_config, finished_summary, replace, run_demo, train_config,
+                                           write_concepts)
+
+    config = tiny_config(tiny_model, tmp_path / "demo")
+    run_dir = run_demo(config, log=lambda line: None)["runs"][0]["run_dir"]
+    full = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
+    only = replace(config, fidelity_only=True)
+    result = evaluate(run_dir, num_images=config.num_images, config=evaluation_config(only))
+    assert result.accuracy is None and result.mmd is None and result.summary["final_accuracy"] is None
+    assert result.to_dict()["fidelity"] == full["fidelity"]
+    paths = write_report(result, out_dir=str(tmp_path / "only"))
+    assert "Concept fidelity" in Path(paths["report"]).read_text() and "accuracy" not in paths
+    tasks = write_concepts(config)  # the same folders, rewritten identically
+    assert finished_summary(run_dir, train_config(only, "lora", tasks, run_dir), evaluation_config(only)) is not None
+
+
 def test_bench_world_reports_the_controls_from_their_fidelity_matrices(tmp_path, tiny_model):
     """lora, ti and joint per seed on the novel and known sequences; the closing values are the rows' means."""
     from dcfast.experiments import bench_world
