@@ -119,10 +119,11 @@ def same_evaluation(stored: Dict[str, object], eval_config) -> bool:
     return True
 
 
-def finished_training(run_dir: str, train_settings) -> bool:
-    """Whether `run_dir` holds a run trained to its end with `train_settings` on the same base model weights
-    (run.json's fingerprint: a base replaced at the same path is not the same). Settings a resumed run may change
-    (output_dir, validation sampling, logging: `resumable`) do not change what was trained, and are not compared."""
+def training_differences(run_dir: str, train_settings) -> Optional[List[str]]:
+    """What differs between the run already in `run_dir` and `train_settings`: the names of the settings that
+    change training ("base model weights" when run.json's fingerprint differs: a base replaced at the same path is
+    not the same), or None when `run_dir` holds no readable run. Settings a resumed run may change (output_dir,
+    validation sampling, logging: `resumable`) do not change what was trained, and are not compared."""
     from dcfast.models.loading import model_fingerprint
     from dcfast.training.config import TrainConfig
     from dcfast.training.settings import resumable
@@ -131,18 +132,23 @@ def finished_training(run_dir: str, train_settings) -> bool:
     try:
         trained = TrainConfig.from_dict(run.config(), ignore_other_methods=True)
         fingerprint = run.fingerprint()
-        finished = run.finished_tasks()
-        planned = len(run.tasks())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    ignored = {f.name for f in dataclasses.fields(TrainConfig) if resumable(TrainConfig, f.name)}
+    before, after = _as_json(trained.to_dict()), _as_json(train_settings.to_dict())
+    differences = sorted(k for k in set(before) | set(after) if k not in ignored and before.get(k) != after.get(k))
+    if fingerprint != model_fingerprint(train_settings.pretrained_model_name_or_path):
+        differences.append("base model weights")
+    return differences
+
+
+def finished_training(run_dir: str, train_settings) -> bool:
+    """Whether `run_dir` holds a run trained to its end with `train_settings` (`training_differences` is empty)."""
+    try:
+        finished = len(Run(run_dir).finished_tasks()) == len(Run(run_dir).tasks())
     except (OSError, ValueError, TypeError, KeyError):
         return False
-    if fingerprint != model_fingerprint(train_settings.pretrained_model_name_or_path) or len(finished) != planned:
-        return False
-    ignored = {f.name for f in dataclasses.fields(TrainConfig) if resumable(TrainConfig, f.name)}
-
-    def compared(settings) -> object:
-        return {k: v for k, v in _as_json(settings.to_dict()).items() if k not in ignored}
-
-    return compared(trained) == compared(train_settings)
+    return finished and training_differences(run_dir, train_settings) == []
 
 
 def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
@@ -188,6 +194,11 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
         except (OSError, ValueError, TypeError, KeyError):
             pass  # else evaluate's: the sum of the tasks' recorded seconds
     else:
+        differences = training_differences(run_dir, train_settings) if reuse else None
+        if differences and Run(run_dir).finished_tasks():
+            raise ValueError(f"{run_dir} already holds a {method} run trained with other settings "
+                             f"({', '.join(differences)}); remove that folder, or give the benchmark another "
+                             f"--output_dir, to train it anew")
         (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
         log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
         started = time.perf_counter()

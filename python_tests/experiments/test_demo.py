@@ -317,7 +317,7 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     # fields only other methods read change nothing for lora; lora's own settings and the evaluation's do
     assert finished(demo.replace(config, train_overrides={"clora_lambda": 7.0, "delta": 0.5, "dsc_alpha": 3.0,
                                                           "ewc_lambda": 9.0})) == stored_summary
-    for changed in (demo.replace(config, max_train_steps=2), demo.replace(config, train_overrides={"rank": 8}),
+    for changed in (demo.replace(config, max_train_steps=2), demo.replace(config, train_overrides={"rank": 2}),
                     demo.replace(config, fidelity_images=3), demo.replace(config, seed=1)):
         assert finished(changed) is None
     assert finished(config, method="ewc") is None  # another method's run
@@ -352,9 +352,17 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     assert again["summary"]["train_seconds"] == stored_summary["train_seconds"]
     assert json.loads(Path(again["report"]["metrics"]).read_text())["config"]["guidance_scale"] == 3.0
     assert finished(sampled) == again["summary"] and finished(config) is None
+    longer = demo.replace(config, max_train_steps=2)
+    # a finished run trained otherwise is never overwritten: the error names what differs and the fix
+    with pytest.raises(ValueError, match=r"holds a lora run trained with other settings \(max_train_steps\); remove"):
+        demo.run_method(longer, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
+    assert finished(sampled) == again["summary"]
+    # a run with no finished task (killed in its first) is trained anew, its old evaluation removed first, so
+    # that a killed new run is never taken for a finished one
+    for folder in Path(run_dir).glob("task_*"):
+        shutil.rmtree(folder)
     with pytest.raises(AssertionError, match="trained again"):
-        demo.run_method(demo.replace(config, max_train_steps=2), "lora", tasks, run_dir, log=lambda line: None, reuse=True)
-    # the retraining removed the old metrics first: a killed new run is never taken for a finished one
+        demo.run_method(longer, "lora", tasks, run_dir, log=lambda line: None, reuse=True)
     assert not (Path(run_dir) / "eval" / "metrics.json").exists() and finished(config) is None
 
 
