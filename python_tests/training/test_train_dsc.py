@@ -142,3 +142,30 @@ def test_dsc_teachers_frozen_and_t2_from_earlier_tasks(make_config, pool_choice)
     student = result.method.models.lora()
     assert any(not torch.equal(student[n].detach(), teacher1[n]) for n in teacher1)  # the student moved
     assert result.metrics[2]["temperature"] > 0 and {"dsc_kl_t1", "dsc_kl_t2"} <= set(result.metrics[2])
+
+
+def test_all_teachers_average_l_dsc_over_every_earlier_lora():
+    """dsc_teachers "all": a step's gradient is the mean of L_DSC's gradients over every earlier teacher T2 (the
+    expectation the spec's one random draw samples), each taken on its own, with the same (t, eps) for all."""
+    method, params, task = formulas.toy_method("dsc", index=3, past=PAST, num_dc_concepts=4, dsc_teachers="all",
+                                               dsc_iterations=2)
+    distiller = method.distiller
+    distiller.teacher1 = _random_lora(params, 10)
+    distiller.pool = [_random_lora(params, 20), _random_lora(params, 21)]
+    formulas.set_lora(params, _random_lora(params, 12))
+    x0, timesteps, noise = task.latents[:2], torch.tensor([[100, 700], [300, 900]]), torch.randn(2, 2, 4, 8, 8)
+    each = []
+    for m in (0, 1):
+        loss, parts = distiller.step_loss(task, x0, m, timesteps, noise, formulas.TAU)
+        each.append((torch.autograd.grad(loss, list(params.values())), parts, loss.item()))
+    logs = distiller.backward_step(task, x0, [0, 1], timesteps, noise, formulas.TAU)
+    for p, g0, g1 in zip(params.values(), each[0][0], each[1][0]):
+        torch.testing.assert_close(p.grad, (g0 + g1) / 2, rtol=1e-5, atol=1e-6 * (g0.abs().max() + g1.abs().max()).item())
+    assert logs["dsc_loss"] == pytest.approx((each[0][2] + each[1][2]) / 2, rel=1e-5)
+    for key in each[0][1]:
+        assert logs[key] == pytest.approx((each[0][1][key] + each[1][1][key]) / 2, rel=1e-5), key
+    for p in params.values():
+        p.grad = None
+    distiller.draws.clear()
+    distiller.distill(task, formulas.TAU)
+    assert distiller.draws == [1, 2, 1, 2]  # every earlier teacher, every step

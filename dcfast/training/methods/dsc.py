@@ -48,6 +48,10 @@ class DistillSettings(MethodSettings):
     # (the teacher that knows c_n best); "after_distill" = the consolidated student. Same-class-val: before 0.56,
     # after 0.50 final fidelity (forgetting -0.07 / 0.04): the spec's stays.
     dsc_teacher_pool: str = setting("before_distill", choices=("before_distill", "after_distill"))
+    # T2 of each distillation step: "one" earlier LoRA drawn at random (the spec); "all": every earlier LoRA, L_DSC
+    # averaged over them (the expectation that "one" samples), so no earlier concept waits for its draw, at n - 1
+    # teacher passes per step. A remedy for DSC's forgetting to try on validation (the methods issue).
+    dsc_teachers: str = setting("one", choices=("one", "all"))
 
 
 @dataclass
@@ -135,6 +139,31 @@ class Distiller:
                 + settings.dsc_beta * (parts["dsc_mse_t1"] + parts["dsc_mse_t2"]))
         return loss, {k: v.item() for k, v in parts.items()}
 
+    def backward_step(self, task: TaskData, x0: torch.Tensor, teachers: List[int], timesteps: torch.Tensor,
+                      noise: torch.Tensor, temperature: float,
+                      penalty: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, float]:
+        """Backpropagate L_DSC averaged over the T2 teachers pool[m], m in `teachers` (one (t, eps) draw for all),
+        plus `penalty()`; returns the parts. Each teacher's graph is backpropagated before the next teacher's
+        weights are swapped into the U-Net (in place), so gradients accumulate teacher by teacher."""
+        accelerator, logs, total = self.models.accelerator, {}, 0.0
+        pieces = [(m, None) for m in teachers] + ([(None, penalty)] if penalty is not None else [])
+        for m, extra in pieces:
+            with accelerator.autocast():
+                if extra is None:
+                    loss, parts = self.step_loss(task, x0, m, timesteps, noise, temperature)
+                    loss = loss / len(teachers)
+                    for key, value in parts.items():
+                        logs[key] = logs.get(key, 0.0) + value / len(teachers)
+                    total += loss.item()
+                else:
+                    loss = extra()
+                    logs["dsc_penalty"] = loss.item()
+            if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="mean")):
+                raise FloatingPointError(f"DSC loss became {loss.item()} in task {task.index}; lower dsc_learning_rate")
+            accelerator.backward(loss)
+        logs["dsc_loss"] = total
+        return logs
+
     def distill(self, task: TaskData, temperature: float, penalty: Optional[Callable[[], torch.Tensor]] = None,
                 log: Optional[LogParts] = None) -> Dict[str, float]:
         """M iterations of L_DSC (+ `penalty()`) on the student (the live LoRA), starting from T1 = LoRA_n;
@@ -152,20 +181,14 @@ class Distiller:
         logs: Dict[str, float] = {}
         for _ in tqdm(range(settings.dsc_iterations), desc=f"task {task.index} DSC distillation", leave=False,
                       disable=not accelerator.is_local_main_process):
-            m = int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))  # same T2 on every process
-            self.draws.append(m + 1)
+            if settings.dsc_teachers == "all":
+                teachers = list(range(len(self.pool)))
+            else:  # the same T2 on every process
+                teachers = [int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))]
+            self.draws += [m + 1 for m in teachers]
             x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]
             timesteps, noise = random_pairs(models.noise_scheduler, x0, settings.num_dc_timesteps, task.generator)
-            with accelerator.autocast():
-                loss, logs = self.step_loss(task, x0, m, timesteps, noise, temperature)
-                logs["dsc_loss"] = loss.item()
-                if penalty is not None:
-                    extra = penalty()
-                    loss = loss + extra
-                    logs["dsc_penalty"] = extra.item()
-            if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="mean")):
-                raise FloatingPointError(f"DSC loss became {loss.item()} in task {task.index}; lower dsc_learning_rate")
-            accelerator.backward(loss)
+            logs = self.backward_step(task, x0, teachers, timesteps, noise, temperature, penalty)
             models.average_gradients(params)
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
