@@ -1,4 +1,7 @@
 """C-LoRA with peft scaling alpha/r != 1: the merge, the fresh LoRA of each task, the penalty and the export."""
+from pathlib import Path
+
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -59,3 +62,42 @@ def test_clora_penalty_merge_and_export(make_config, model_dir):
     a, b = stacked[f"{name}.lora_A.default.weight"], stacked[f"{name}.lora_B.default.weight"]
     current = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     torch.testing.assert_close(2.0 * b @ a, merged - base[f"{name}.weight"] + 2.0 * current)
+
+
+def test_clora_cross_kv_scope_trains_and_merges_the_key_value_projections_only(make_config):
+    """clora_scope "cross_kv": every weight outside the cross-attention K/V projections ends as it began, across the
+    merge of task 1's LoRA into the base weights; those inside move."""
+    from dcfast.models.loading import load_components
+    from dcfast.training.adapters import add_lora
+    from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
+
+    config = make_config("c-lora", max_train_steps=2, clora_scope="cross_kv")
+    initial = load_components(config.pretrained_model_name_or_path)
+    add_lora(initial.unet, config.rank, config.resolved_lora_alpha(), config.target_modules, config.seed)
+    before = initial.unet.state_dict()
+    result = train(config)
+    after = result.method.models.unet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k]) and "lora_A" not in k}  # A: fresh per task
+    assert moved and all(is_cross_attention_kv(k) for k in moved), sorted(moved)[:4]
+    assert any("base_layer" in k for k in moved)  # task 1's K/V LoRA merged into the base weights
+
+
+def test_clora_token_start_follows_its_setting(make_config):
+    """clora_token_init "class_word": the token starts at its class word's embedding (its recorded ||delta token||
+    is the distance from there); "random" (the spec's) does not."""
+    from dcfast.io.runs import Run
+    from dcfast.models.loading import load_components
+    from dcfast.training.tokens import class_word_embedding
+
+    base = load_components(make_config("c-lora").pretrained_model_name_or_path)
+    for start in ("class_word", "random"):
+        config = make_config("c-lora", max_train_steps=2, clora_token_init=start)
+        config = make_config("c-lora", max_train_steps=2, clora_token_init=start,
+                             output_dir=str(Path(config.output_dir).parent / f"run-{start}"))
+        train(config)
+        run = Run(config.output_dir)
+        task = run.tasks()[0]
+        learned = load_tensors(task_dir(config.output_dir, 1) / "learned_embeds.safetensors")[task.token].double()
+        from_class_word = (learned - class_word_embedding(base.tokenizer, base.text_encoder, task.class_word)
+                           .double().view(-1)).norm().item()
+        assert (run.metrics(1)["token_change"] == pytest.approx(from_class_word, rel=1e-6)) is (start == "class_word")

@@ -2,7 +2,8 @@
 
     L = L_denoise + lambda * sum_layers ||W_past (.) (B_n A_n)||^2,   W_past = sum_{i<n} B_i A_i
 
-(B A includes peft's alpha/r scaling, 1 by default.) Modifier tokens start random. The exported LoRA
+(B A includes peft's alpha/r scaling, 1 by default.) Modifier tokens start random (`clora_token_init`), and every
+LoRA factor of the run trains (`clora_scope`; "cross_kv": the cross-attention K/V only). The exported LoRA
 of task n stacks every task's factors, rank n*r: B_cat A_cat = sum_{i<=n} B_i A_i, so it loads as one
 diffusers LoRA on the base model.
 """
@@ -15,6 +16,7 @@ import torch
 
 from dcfast.training.adapters import ADAPTER, lora_layers, lora_state
 from dcfast.training.methods.base import Method, Models, TaskData
+from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
 from dcfast.training.settings import MethodSettings, setting
 
 
@@ -26,19 +28,31 @@ class CLoRASettings(MethodSettings):
     # sum ~5e-4), so lambda lives far above EWC's. Chosen on known-same-class-val (benchmarks/methods_tuning.md):
     # final fidelity 0.54 / 0.62 / 0.56 at 1e2 / 1e4 / 1e6.
     clora_lambda: float = setting(1e4, nonnegative=True)
+    # Where each task's token starts: "random" (the spec's) or "class_word" (as every other method's). On a world
+    # where the token carries part of the concept, a random start handicaps C-LoRA; both are tuned on validation.
+    clora_token_init: str = setting("random", choices=("random", "class_word"))
+    # Which LoRA factors C-LoRA trains: "all" of the run's target_modules, or "cross_kv", the cross-attention key
+    # and value projections only (Smith et al. apply C-LoRA there); the other factors stay zero.
+    clora_scope: str = setting("all", choices=("all", "cross_kv"))
 
 
 class CLoRA(Method):
     """Continual LoRA with the self-regularising overlap penalty."""
 
     name = "c-lora"
-    random_token_init = True
     Settings = CLoRASettings
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)
         self.past: List[Dict[str, torch.Tensor]] = []  # LoRA_1 .. LoRA_{n-1}, merged into the base weights
         self.w_past: Dict[str, torch.Tensor] = {}  # layer name -> sum_{i<n} scaling * B_i A_i
+        if self.settings.clora_scope == "cross_kv":  # the optimizer gets the K/V factors alone
+            for name, param in models.lora().items():
+                param.requires_grad_(is_cross_attention_kv(name))
+
+    @property
+    def random_token_init(self) -> bool:  # the trainer reads it when it makes each task's token
+        return self.settings.clora_token_init == "random"
 
     def begin_task(self, task: TaskData) -> None:
         super().begin_task(task)
