@@ -1,0 +1,35 @@
+"""The equal-tuning grids of scripts/tune_methods.py: within the budget, every method but the upper bound, every
+configuration a valid config of its method, the default listed first (the rule's last tie-break)."""
+import importlib.util
+from pathlib import Path
+
+from dcfast.experiments.regimes import train_values
+from dcfast.training.config import TrainConfig
+from dcfast.training.methods import METHODS
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tune_methods.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("tune_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_equal_grids_give_every_method_the_same_budget_of_valid_configurations():
+    tune = _script()
+    grids = tune.EQUAL_GRIDS
+    assert {m for grid in grids.values() for m, _ in grid} == set(METHODS) - {"joint"}
+    for name, grid in grids.items():
+        assert 1 <= len(grid) <= tune.EQUAL_BUDGET, name
+        assert len({tune.variant_name(m, o) for m, o in grid}) == len(grid), f"{name} repeats a configuration"
+        for method, overrides in grid:
+            config = TrainConfig.from_dict({**train_values(method, False, overrides), "method": method},
+                                           ignore_other_methods=True)
+            flat = config.flat()
+            assert all(flat[key] == value for key, value in overrides.items()), (name, overrides)
+    default = TrainConfig.from_dict({**train_values("ewc-dc", False, {}), "method": "ewc-dc"}, ignore_other_methods=True)
+    assert grids["equal-ewc-dc"][0][1] == {"ewc_lambda": default.flat()["ewc_lambda"],
+                                           "fisher_normalize": default.flat()["fisher_normalize"]}
+    assert tune.PRESETS["equal"][1] == ["novel-same-class-val", "novel-distinct-class-val"]
