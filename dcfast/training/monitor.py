@@ -70,9 +70,15 @@ class LossHistory:
         self.distill_steps = 0
 
     def add_step(self, loss: float, parts: Dict[str, float]) -> None:
+        """One step's total and parts; a part a step does not compute (EWC-DC's DC term off its dc_every steps) is
+        None there, so every list stays aligned with the steps."""
+        steps = len(self.train["loss"])
         self.train["loss"].append(loss)
-        for key, value in parts.items():
-            self.train.setdefault(key, []).append(value)
+        for key in parts.keys() - self.train.keys():
+            self.train[key] = [None] * steps
+        for key, values in self.train.items():
+            if key != "loss":
+                values.append(parts.get(key))
 
     def add_distill(self, parts: Dict[str, float]) -> int:
         """Record one consolidation step's parts; returns its number in the task (1-based)."""
@@ -187,9 +193,11 @@ def write_loss_curve(output_dir, num_tasks: int) -> Optional[Path]:
         for key, values in data["train"].items():
             if not values:
                 continue
-            steps = np.arange(first + 1, first + 1 + len(values))
+            values = np.array(values, dtype=float)  # None (a step without this part) -> NaN, left out
+            steps = np.arange(first + 1, first + 1 + len(values))[np.isfinite(values)]
             style = dict(linewidth=1.6) if key == "loss" else dict(linewidth=0.8, alpha=0.7)
-            line, = ax.plot(steps, values, color=colours.get(key), label=None if key in colours else key, **style)
+            line, = ax.plot(steps, values[np.isfinite(values)], color=colours.get(key),
+                            label=None if key in colours else key, **style)
             colours.setdefault(key, line.get_color())
         distill = data["distill"].get("dsc_loss")
         if distill:

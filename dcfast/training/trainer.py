@@ -360,6 +360,7 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     progress = tqdm(range(first_step, steps), initial=first_step, total=steps,
                     desc=f"{label} ({config.method})", disable=not accelerator.is_local_main_process)
     for step in progress:
+        data.step = step
         step_loss, step_parts = 0.0, {}
         for _ in range(config.gradient_accumulation_steps):
             batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])

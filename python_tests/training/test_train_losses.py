@@ -1,6 +1,7 @@
 """EWC and EWC-DC against docs/design.md's formulas: the DC term's pull and push variants, the auto temperature,
 the penalty, and the per-sample Fisher (normalised or not), each expectation from a loop in formulas.py
 with the prompts written out here."""
+import json
 import math
 
 import pytest
@@ -253,3 +254,29 @@ def test_dc_fisher_holds_its_information_where_p_cn_saturates(margin):
     for n in params:  # gamma * 0 + F_n / mean(F_n)
         torch.testing.assert_close(method.fisher.fisher[n].double(), want[n] / raw_mean, rtol=2e-3,
                                    atol=1e-4 * (want[n].max().item() / raw_mean))
+
+
+def test_dc_every_m_steps_weights_the_term_m_times_and_skips_it_between():
+    """dc_every = 2: step 0 is L_denoise + 2 delta DC + penalty, step 1 EWC's L_denoise + penalty alone."""
+    method, params, task = formulas.toy_method("ewc-dc", dc_every=2, delta=0.5)
+    x0 = task.latents[:2]
+    task.step = 0
+    total, logs = method.loss(x0)
+    assert total.item() == pytest.approx(logs["denoise"] + 2 * 0.5 * logs["dc"] + logs["penalty"], rel=1e-6)
+    task.step = 1
+    state = task.generator.get_state()
+    total, logs = method.loss(x0)
+    assert "dc" not in logs
+    task.generator.set_state(state)
+    assert torch.equal(total, method.denoise(x0) + method.penalty())
+
+
+def test_a_run_with_dc_every_keeps_each_part_aligned_with_its_steps(make_config):
+    from dcfast.io.runs import task_dir
+    from dcfast.training.trainer import train
+
+    config = make_config("ewc-dc", words=("dog",), max_train_steps=3, dc_every=2)
+    train(config)
+    losses = json.loads((task_dir(config.output_dir, 1) / "losses.json").read_text())["train"]
+    assert len(losses["loss"]) == len(losses["dc"]) == len(losses["denoise"]) == 3
+    assert losses["dc"][1] is None and losses["dc"][0] is not None and losses["dc"][2] is not None

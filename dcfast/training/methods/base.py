@@ -84,6 +84,9 @@ class TaskData:
     # A joint phase (several tasks at once): each latent's own task prompt; the trainer hands the method each
     # batch's prompts, `loss(x0, prompts)`. None for one task, whose images all have `prompt`.
     image_prompts: Optional[List[str]] = None
+    # The optimizer step being taken (0-based within the task), set by the trainer before each step's losses: a
+    # resumed run sets the same, so a method's per-step schedule (EWC-DC's dc_every) survives a resume.
+    step: int = 0
 
 
 LogParts = Callable[[Dict[str, float]], None]
