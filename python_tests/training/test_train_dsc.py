@@ -1,5 +1,7 @@
 """DSC against docs/design.md's L_DSC written as loops (formulas.py), its first step, its teacher pool, and the
 EWC-DC penalty inside DSC+EWC-DC's distillation."""
+import json
+
 import pytest
 import torch
 
@@ -158,14 +160,54 @@ def test_all_teachers_average_l_dsc_over_every_earlier_lora():
     for m in (0, 1):
         loss, parts = distiller.step_loss(task, x0, m, timesteps, noise, formulas.TAU)
         each.append((torch.autograd.grad(loss, list(params.values())), parts, loss.item()))
-    logs = distiller.backward_step(task, x0, [0, 1], timesteps, noise, formulas.TAU)
-    for p, g0, g1 in zip(params.values(), each[0][0], each[1][0]):
-        torch.testing.assert_close(p.grad, (g0 + g1) / 2, rtol=1e-5, atol=1e-6 * (g0.abs().max() + g1.abs().max()).item())
-    assert logs["dsc_loss"] == pytest.approx((each[0][2] + each[1][2]) / 2, rel=1e-5)
+    loss, logs = distiller.mean_loss(task, x0, [0, 1], timesteps, noise, formulas.TAU)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for g, g0, g1 in zip(grads, each[0][0], each[1][0]):
+        torch.testing.assert_close(g, (g0 + g1) / 2, rtol=1e-5, atol=1e-6 * (g0.abs().max() + g1.abs().max()).item())
+    assert loss.item() == pytest.approx((each[0][2] + each[1][2]) / 2, rel=1e-5)
     for key in each[0][1]:
         assert logs[key] == pytest.approx((each[0][1][key] + each[1][1][key]) / 2, rel=1e-5), key
-    for p in params.values():
-        p.grad = None
     distiller.draws.clear()
     distiller.distill(task, formulas.TAU)
     assert distiller.draws == [1, 2, 1, 2]  # every earlier teacher, every step
+
+
+@pytest.mark.parametrize("name", ["dsc", "dsc+ewc-dc"])
+def test_interleaved_schedule_adds_the_earlier_teachers_terms_to_every_step(name):
+    """dsc_schedule "interleaved": a step of task n >= 2 is the method's own loss plus T2's KL and noise terms on
+    the same batch (T1's vanish: the student is the LoRA being trained); after the task nothing is distilled and
+    the task's LoRA joins the pool."""
+    from dcfast.training.objectives import random_pairs
+
+    method, params, task = formulas.toy_method(name, index=3, past=PAST, num_dc_concepts=4,
+                                               dsc_schedule="interleaved", dc_max_batch=1024)
+    distiller = method.distiller
+    distiller.pool = [_random_lora(params, 20), _random_lora(params, 21)]
+    x0 = task.latents[:2]
+    states = (task.generator.get_state(), task.shared_generator.get_state())
+    total, logs = method.loss(x0)
+    total.backward()  # the teachers' in-place swaps came before the student's graph
+    assert {"dsc_kl_t2", "dsc_mse_t2"} <= logs.keys() and not {"dsc_kl_t1", "dsc_mse_t1"} & logs.keys()
+    task.generator.set_state(states[0])
+    task.shared_generator.set_state(states[1])
+    m = int(torch.randint(2, (1,), generator=task.shared_generator))
+    timesteps, noise = random_pairs(method.models.noise_scheduler, x0, method.settings.num_dc_timesteps, task.generator)
+    target = distiller.teacher_targets(task, x0, m, timesteps, noise, method.temperature, with_t1=False)
+    own = type(method).__mro__[1].loss(method, x0)[0]  # the method's loss without DSC (sequential LoRA / EWC-DC)
+    teacher, _ = distiller.student_loss(target, x0, timesteps, noise, method.temperature)
+    torch.testing.assert_close(total, own + teacher)
+    before = lora_state(method.models.unet)
+    metrics = method.end_task(task)
+    assert method.consolidation_steps() == 0 and "dsc_loss" not in metrics
+    assert len(distiller.pool) == 3 and all(torch.equal(distiller.pool[-1][k], v) for k, v in before.items())
+
+
+def test_interleaved_dsc_trains_end_to_end_with_every_teacher(make_config):
+    config = make_config("dsc", words=("dog", "mug", "cat"), dsc_schedule="interleaved", dsc_teachers="all")
+    result = train(config)
+    distiller = result.method.distiller
+    assert len(distiller.pool) == 3
+    steps = config.max_train_steps
+    assert distiller.draws == [1] * steps + [1, 2] * steps  # task 2: LoRA_1 each step; task 3: LoRA_1 and LoRA_2
+    losses = json.loads((task_dir(config.output_dir, 3) / "losses.json").read_text())
+    assert len(losses["train"]["dsc_kl_t2"]) == steps and not losses["distill"]

@@ -52,6 +52,11 @@ class DistillSettings(MethodSettings):
     # averaged over them (the expectation that "one" samples), so no earlier concept waits for its draw, at n - 1
     # teacher passes per step. A remedy for DSC's forgetting to try on validation (the methods issue).
     dsc_teachers: str = setting("one", choices=("one", "all"))
+    # When the earlier teachers are distilled: "after" the task, M iterations from T1 = LoRA_n (the spec's), or
+    # "interleaved" with the task's own training, their T2 terms added to every step of task n >= 2 (the student is
+    # the LoRA being trained, so T1's terms vanish and the denoising loss takes their place; nothing runs after the
+    # task). A remedy for DSC's forgetting (each task repaints the earlier concepts before any distillation).
+    dsc_schedule: str = setting("after", choices=("after", "interleaved"))
 
 
 @dataclass
@@ -99,70 +104,80 @@ class Distiller:
     def step_loss(self, task: TaskData, x0: torch.Tensor, m: int, timesteps: torch.Tensor, noise: torch.Tensor,
                   temperature: float) -> Tuple[torch.Tensor, Dict[str, float]]:
         """L_DSC on one batch with T2 = pool[m] and (t, eps) pairs shared by all four evaluations."""
+        return self.student_loss(self.teacher_targets(task, x0, m, timesteps, noise, temperature), x0, timesteps,
+                                 noise, temperature)
+
+    @torch.no_grad()
+    def teacher_targets(self, task: TaskData, x0: torch.Tensor, m: int, timesteps: torch.Tensor, noise: torch.Tensor,
+                        temperature: float, with_t1: bool = True) -> Dict[str, torch.Tensor]:
+        """What the student matches for T2 = pool[m]: each teacher's DC log-probs over S and its noise prediction
+        under its own concept (T1 under c_n, T2 under c_m); T1's are left out with `with_t1` False. The teachers
+        are swapped into the U-Net in place, so every teacher of a step is read before any student pass."""
         models, settings = self.models, self.settings
         unet, scheduler = models.unet, models.noise_scheduler
-        with torch.no_grad():
-            conds = models.encode(self.concepts(task, m))
-        c_n, c_m = conds[0], conds[self.m_column()]
+        conds = models.encode(self.concepts(task, m))
+        targets = {"conds": conds}
+        for name, lora, column in (("t1", self.teacher1, 0), ("t2", self.pool[m], self.m_column())):
+            if name == "t1" and not with_t1:
+                continue
+            with swapped_lora(unet, lora):
+                if settings.dc_denoise_rows:  # eps read from the DC pass's own rows
+                    targets[f"p_{name}"], (targets[f"eps_{name}"],) = dc_log_probs_and_rows(
+                        unet, scheduler, x0, conds, timesteps, noise, temperature, (column,), settings.dc_loss,
+                        settings.dc_max_batch)
+                else:
+                    targets[f"p_{name}"] = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature,
+                                                        settings.dc_loss, settings.dc_max_batch)
+                    targets[f"eps_{name}"] = predict_rows(unet, scheduler, x0, conds[column], timesteps, noise)
+        return targets
 
-        def scores() -> torch.Tensor:
-            return dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, settings.dc_loss,
-                                settings.dc_max_batch)
-
-        def scores_and_rows(*columns: int):  # dc_denoise_rows: eps_T / eps_S read from the DC pass's own rows
-            return dc_log_probs_and_rows(unet, scheduler, x0, conds, timesteps, noise, temperature, columns,
-                                         settings.dc_loss, settings.dc_max_batch)
-
+    def student_loss(self, targets: Dict[str, torch.Tensor], x0: torch.Tensor, timesteps: torch.Tensor,
+                     noise: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The live LoRA's (the student's) DSC terms against `teacher_targets`: KL(p_T || p_S) for each teacher's
+        DC scores, ||eps_S - eps_T||^2 under each teacher's concept; the T1 terms where the targets hold T1."""
+        models, settings = self.models, self.settings
+        unet, scheduler = models.unet, models.noise_scheduler
+        conds = targets["conds"]
+        teachers = [("t1", 0)] if "p_t1" in targets else []
+        teachers.append(("t2", self.m_column()))
         if settings.dc_denoise_rows:
-            with torch.no_grad():
-                with swapped_lora(unet, self.teacher1):
-                    p_t1, (eps_t1,) = scores_and_rows(0)  # T1 under c_n
-                with swapped_lora(unet, self.pool[m]):
-                    p_t2, (eps_t2,) = scores_and_rows(self.m_column())  # T2 under c_m
-            p_s, (eps_s_n, eps_s_m) = scores_and_rows(0, self.m_column())
+            p_s, rows = dc_log_probs_and_rows(unet, scheduler, x0, conds, timesteps, noise, temperature,
+                                              [column for _, column in teachers], settings.dc_loss,
+                                              settings.dc_max_batch)
         else:
-            with torch.no_grad():
-                with swapped_lora(unet, self.teacher1):
-                    p_t1, eps_t1 = scores(), predict_rows(unet, scheduler, x0, c_n, timesteps, noise)  # T1 under c_n
-                with swapped_lora(unet, self.pool[m]):
-                    p_t2, eps_t2 = scores(), predict_rows(unet, scheduler, x0, c_m, timesteps, noise)  # T2 under c_m
-            p_s = scores()
-            eps_s_n = predict_rows(unet, scheduler, x0, c_n, timesteps, noise)
-            eps_s_m = predict_rows(unet, scheduler, x0, c_m, timesteps, noise)
-        parts = {  # KL(p_T || p_S): the student matches each teacher's scores
-            "dsc_kl_t1": F.kl_div(p_s, p_t1, log_target=True, reduction="batchmean").float(),  # float64 inside
-            "dsc_kl_t2": F.kl_div(p_s, p_t2, log_target=True, reduction="batchmean").float(),
-            "dsc_mse_t1": F.mse_loss(eps_s_n.float(), eps_t1.float()),
-            "dsc_mse_t2": F.mse_loss(eps_s_m.float(), eps_t2.float()),
-        }
-        loss = (settings.dsc_alpha * (parts["dsc_kl_t1"] + parts["dsc_kl_t2"])
-                + settings.dsc_beta * (parts["dsc_mse_t1"] + parts["dsc_mse_t2"]))
+            p_s = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, settings.dc_loss,
+                               settings.dc_max_batch)
+            rows = [predict_rows(unet, scheduler, x0, conds[column], timesteps, noise) for _, column in teachers]
+        parts = {}
+        for (name, _), eps_s in zip(teachers, rows):  # KL(p_T || p_S): the student matches each teacher's scores
+            parts[f"dsc_kl_{name}"] = F.kl_div(p_s, targets[f"p_{name}"], log_target=True,
+                                               reduction="batchmean").float()  # float64 inside
+            parts[f"dsc_mse_{name}"] = F.mse_loss(eps_s.float(), targets[f"eps_{name}"].float())
+        loss = sum(settings.dsc_alpha * v if k.startswith("dsc_kl") else settings.dsc_beta * v for k, v in parts.items())
         return loss, {k: v.item() for k, v in parts.items()}
 
-    def backward_step(self, task: TaskData, x0: torch.Tensor, teachers: List[int], timesteps: torch.Tensor,
-                      noise: torch.Tensor, temperature: float,
-                      penalty: Optional[Callable[[], torch.Tensor]] = None) -> Dict[str, float]:
-        """Backpropagate L_DSC averaged over the T2 teachers pool[m], m in `teachers` (one (t, eps) draw for all),
-        plus `penalty()`; returns the parts. Each teacher's graph is backpropagated before the next teacher's
-        weights are swapped into the U-Net (in place), so gradients accumulate teacher by teacher."""
-        accelerator, logs, total = self.models.accelerator, {}, 0.0
-        pieces = [(m, None) for m in teachers] + ([(None, penalty)] if penalty is not None else [])
-        for m, extra in pieces:
-            with accelerator.autocast():
-                if extra is None:
-                    loss, parts = self.step_loss(task, x0, m, timesteps, noise, temperature)
-                    loss = loss / len(teachers)
-                    for key, value in parts.items():
-                        logs[key] = logs.get(key, 0.0) + value / len(teachers)
-                    total += loss.item()
-                else:
-                    loss = extra()
-                    logs["dsc_penalty"] = loss.item()
-            if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="mean")):
-                raise FloatingPointError(f"DSC loss became {loss.item()} in task {task.index}; lower dsc_learning_rate")
-            accelerator.backward(loss)
-        logs["dsc_loss"] = total
-        return logs
+    def mean_loss(self, task: TaskData, x0: torch.Tensor, teachers: List[int], timesteps: torch.Tensor,
+                  noise: torch.Tensor, temperature: float, with_t1: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """L_DSC averaged over the T2 teachers pool[m], m in `teachers`, one (t, eps) draw for all (without the
+        T1 terms when `with_t1` is False), and its parts. Every teacher is read before any student pass."""
+        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1) for m in teachers]
+        total, parts = 0.0, {}
+        for target in targets:
+            loss, logs = self.student_loss(target, x0, timesteps, noise, temperature)
+            total = total + loss / len(teachers)
+            for key, value in logs.items():
+                parts[key] = parts.get(key, 0.0) + value / len(teachers)
+        return total, parts
+
+    def draw_teachers(self, task: TaskData) -> List[int]:
+        """This step's T2 teachers: every earlier LoRA ("all"), or one drawn from the shared stream (the same on
+        every process)."""
+        if self.settings.dsc_teachers == "all":
+            teachers = list(range(len(self.pool)))
+        else:
+            teachers = [int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))]
+        self.draws += [m + 1 for m in teachers]
+        return teachers
 
     def distill(self, task: TaskData, temperature: float, penalty: Optional[Callable[[], torch.Tensor]] = None,
                 log: Optional[LogParts] = None) -> Dict[str, float]:
@@ -181,14 +196,19 @@ class Distiller:
         logs: Dict[str, float] = {}
         for _ in tqdm(range(settings.dsc_iterations), desc=f"task {task.index} DSC distillation", leave=False,
                       disable=not accelerator.is_local_main_process):
-            if settings.dsc_teachers == "all":
-                teachers = list(range(len(self.pool)))
-            else:  # the same T2 on every process
-                teachers = [int(torch.randint(len(self.pool), (1,), generator=task.shared_generator))]
-            self.draws += [m + 1 for m in teachers]
+            teachers = self.draw_teachers(task)
             x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]
             timesteps, noise = random_pairs(models.noise_scheduler, x0, settings.num_dc_timesteps, task.generator)
-            logs = self.backward_step(task, x0, teachers, timesteps, noise, temperature, penalty)
+            with accelerator.autocast():
+                loss, logs = self.mean_loss(task, x0, teachers, timesteps, noise, temperature)
+                logs["dsc_loss"] = loss.item()
+                if penalty is not None:
+                    extra = penalty()
+                    loss = loss + extra
+                    logs["dsc_penalty"] = extra.item()
+            if not torch.isfinite(accelerator.reduce(loss.detach().float(), reduction="mean")):
+                raise FloatingPointError(f"DSC loss became {loss.item()} in task {task.index}; lower dsc_learning_rate")
+            accelerator.backward(loss)
             models.average_gradients(params)
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -196,6 +216,45 @@ class Distiller:
             if log is not None:
                 log(dict(logs))
         return logs
+
+    def interleaved_targets(self, task: TaskData, x0: torch.Tensor, temperature: float) -> Optional[tuple]:
+        """With dsc_schedule "interleaved" from task 2 on: this step's teachers read on its batch (one (t, eps)
+        draw for all), before the step's own loss runs the student (a teacher swap is in place, so it must come
+        before any graph of the live LoRA); None otherwise."""
+        if self.settings.dsc_schedule != "interleaved" or not self.pool:
+            return None
+        teachers = self.draw_teachers(task)
+        timesteps, noise = random_pairs(self.models.noise_scheduler, x0, self.settings.num_dc_timesteps, task.generator)
+        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1=False) for m in teachers]
+        return targets, timesteps, noise
+
+    def with_interleaved(self, pending: Optional[tuple], x0: torch.Tensor, temperature: float, loss: torch.Tensor,
+                         logs: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """A training step's `loss` plus the student's T2 terms against `interleaved_targets`, averaged over the
+        teachers (`loss` as it is when there are none)."""
+        if pending is None:
+            return loss, logs
+        targets, timesteps, noise = pending
+        logs = dict(logs)
+        for target in targets:
+            distill, parts = self.student_loss(target, x0, timesteps, noise, temperature)
+            loss = loss + distill / len(targets)
+            for key, value in parts.items():
+                logs[key] = logs.get(key, 0.0) + value / len(targets)
+        return loss, logs
+
+    def consolidate(self, task: TaskData, temperature: float, penalty: Optional[Callable[[], torch.Tensor]] = None,
+                    log: Optional[LogParts] = None) -> Dict[str, float]:
+        """After the task: `distill` (dsc_schedule "after"), or, when the distillation ran inside the task's steps,
+        only T1 = the task's LoRA kept for the pool."""
+        if self.settings.dsc_schedule == "after":
+            return self.distill(task, temperature, penalty, log)
+        self.teacher1 = lora_state(self.models.unet)
+        return {}
+
+    def consolidation_steps(self) -> int:
+        """Steps run after each task: M with dsc_schedule "after", none when interleaved."""
+        return self.settings.dsc_iterations if self.settings.dsc_schedule == "after" else 0
 
     def remember(self) -> None:
         """Add the task's LoRA to the pool: T1 (before distillation) or the student, per dsc_teacher_pool."""
@@ -225,13 +284,18 @@ class DSC(Method):
         super().begin_task(task)
         self.temperature = measure_temperature(self.settings, self.models, task)
 
+    def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        pending = self.distiller.interleaved_targets(self.task, x0, self.temperature)
+        denoise, logs = super().loss(x0)
+        return self.distiller.with_interleaved(pending, x0, self.temperature, denoise, logs)
+
     def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
-        metrics = self.distiller.distill(task, self.temperature, log=log)
+        metrics = self.distiller.consolidate(task, self.temperature, log=log)
         self.distiller.remember()
         return {**metrics, "temperature": self.temperature}
 
     def consolidation_steps(self) -> int:
-        return self.settings.dsc_iterations
+        return self.distiller.consolidation_steps()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.distiller.state_dict()
@@ -251,15 +315,20 @@ class DSCEWCDC(EWCDC):
         super().__init__(config, models)
         self.distiller = Distiller(config, self.settings, models)
 
+    def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        pending = self.distiller.interleaved_targets(self.task, x0, self.temperature)
+        total, logs = super().loss(x0)
+        return self.distiller.with_interleaved(pending, x0, self.temperature, total, logs)
+
     def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
         penalty = self.penalty if self.settings.dsc_ewc_penalty else None
-        metrics = self.distiller.distill(task, self.temperature, penalty, log)
+        metrics = self.distiller.consolidate(task, self.temperature, penalty, log)
         metrics.update(super().end_task(task))
         self.distiller.remember()
         return metrics
 
     def consolidation_steps(self) -> int:
-        return self.settings.dsc_iterations
+        return self.distiller.consolidation_steps()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {**super().state_dict(), **self.distiller.state_dict()}
