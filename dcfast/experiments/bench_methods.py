@@ -140,12 +140,9 @@ def _run_one(job: tuple, threads: Optional[int]) -> Dict[str, object]:
     """One (sequence, seed, method, config, tasks, run_dir) job's summary; `threads` set in a worker process."""
     _, _, method, config, tasks, run_dir = job
     if threads:
-        import os
-
         import torch
 
         torch.set_num_threads(threads)
-        os.environ["TQDM_DISABLE"] = "1"  # a worker's bars would interleave with the others'; one line per run reports
     result = run_method(config, method, tasks, run_dir, log=lambda line: None, reuse=True)
     return result["summary"]
 

@@ -202,7 +202,7 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
         (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
         log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
         started = time.perf_counter()
-        train(train_settings)
+        train(train_settings, progress=config.progress)
         train_seconds = time.perf_counter() - started
         log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
     result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)

@@ -176,17 +176,18 @@ def _write_task_outputs(config: TrainConfig, method: Method, models: Models, tas
     return folder
 
 
-def train(config: TrainConfig, step_callback: Optional[StepCallback] = None) -> TrainResult:
+def train(config: TrainConfig, step_callback: Optional[StepCallback] = None, progress: bool = True) -> TrainResult:
     """Train every task of `config` in order; returns the run's outputs. See TrainConfig for fields.
 
     `step_callback(task_index, step, models)` runs after each optimizer step (progress hooks, tests).
+    `progress`: progress bars of the steps, the Fisher and DSC (False: none, as in benchmark workers).
     """
     config.validate()
     with _tf32(config.allow_tf32):
-        return _train(config, step_callback)
+        return _train(config, step_callback, progress)
 
 
-def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainResult:
+def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress: bool = True) -> TrainResult:
     log_with = _log_with(config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
                               project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
@@ -217,7 +218,7 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback]) -> TrainR
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
     models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,
-                    accelerator)
+                    accelerator, progress=progress)
     method = get_method(config.method)(config, models)
     plan = _task_plan(config)
     resolution = config.resolution or components.resolution
@@ -358,7 +359,7 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
     label = f"task {n}/{len(plan)}" if len(phase) == 1 else f"tasks {first}-{n} jointly"
     progress = tqdm(range(first_step, steps), initial=first_step, total=steps,
-                    desc=f"{label} ({config.method})", disable=not accelerator.is_local_main_process)
+                    desc=f"{label} ({config.method})", disable=not models.shows_progress)
     for step in progress:
         data.step = step
         step_loss, step_parts = 0.0, {}

@@ -124,3 +124,14 @@ def test_eval_every_task_writes_each_state_column(make_config):
         assert column["task_index"] == index
         assert len(column["accuracy"]) == index and len(column["mmd"]) == index  # every seen concept
         assert all(0.0 <= a <= 1.0 for a in column["accuracy"])
+
+
+def test_progress_false_draws_no_bars(make_config, capfd, tmp_path):
+    """dcfast.train(progress=False): no step, Fisher or DSC bar (benchmark workers would interleave them); the
+    default draws them."""
+    ours = ("task 1/2 (", "Fisher (", "DSC distillation")  # the bars' labels (model loading has its own bars)
+    dcfast.train(make_config("dsc+ewc-dc", max_train_steps=2, dsc_iterations=2), progress=False)
+    assert not [label for label in ours if label in capfd.readouterr().err]
+    dcfast.train(make_config("dsc+ewc-dc", max_train_steps=2, dsc_iterations=2, output_dir=str(tmp_path / "shown")))
+    shown = capfd.readouterr().err
+    assert all(label in shown for label in ours), shown[-600:]

@@ -40,6 +40,12 @@ class Models:
     noise_scheduler: object
     accelerator: object
     token: Optional[ModifierToken] = None  # the current task's trainable token
+    progress: bool = True  # progress bars (this process's, on the local main process only): dcfast.train(progress=)
+
+    @property
+    def shows_progress(self) -> bool:
+        """Whether this process draws progress bars: asked for, and the local main process."""
+        return self.progress and self.accelerator.is_local_main_process
 
     def encode(self, prompts: List[str]) -> torch.Tensor:
         """(K, L, D) conditions; gradients reach the current token's embedding where it occurs."""

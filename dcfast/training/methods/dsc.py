@@ -195,7 +195,7 @@ class Distiller:
         batch = min(config.train_batch_size, task.latents.shape[0])
         logs: Dict[str, float] = {}
         for _ in tqdm(range(settings.dsc_iterations), desc=f"task {task.index} DSC distillation", leave=False,
-                      disable=not accelerator.is_local_main_process):
+                      disable=not models.shows_progress):
             teachers = self.draw_teachers(task)
             x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]
             timesteps, noise = random_pairs(models.noise_scheduler, x0, settings.num_dc_timesteps, task.generator)

@@ -102,7 +102,7 @@ class EWC(Method):
         past = [f.clone() for f in self.fisher.fisher.values()]
         self.fisher.reset()
         ids = shard(task.latents.shape[0], models.process_index, models.num_processes)
-        label = f"task {task.index} Fisher ({self.name})" if models.accelerator.is_local_main_process else None
+        label = f"task {task.index} Fisher ({self.name})" if models.shows_progress else None
         objective = self.fisher_objective(task)
         accumulate_fisher(self.fisher, objective.losses, ids, settings.fisher_batch_size,
                           list(models.lora().values()), progress=label)
