@@ -123,7 +123,10 @@ def run(quick: bool = False, device: str = "cpu", seeds: int = 3, output_dir: st
                           f"({'holds' if b['holds'] else 'FAILS'})" for b in bars)
     write_json_atomic(Path(output_dir) / "world.json", {"command": command, "rows": rows, "stats": stats,
                                                         "bars": bars, "summary": summary})
-    text = f"`{command}` ({seeds} seed(s), mean ± std)\n\n{table}\nBars on `{NOVEL_SEQUENCE}`:\n\n{bar_lines}\n"
+    scope = (f"its first {QUICK_TASKS} concepts, one seed: a smoke check; the bars are judged by `--seeds 3` on the "
+             f"whole sequence" if quick else "the whole sequence")
+    text = (f"`{command}` ({seeds} seed(s), mean ± std)\n\n{table}\nBars on `{NOVEL_SEQUENCE}` ({scope}):\n\n"
+            f"{bar_lines}\n")
     write_atomic(Path(output_dir) / "world.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
     return {"rows": rows, "stats": stats, "bars": bars, "summary": summary, "table": table}
