@@ -340,7 +340,7 @@ def test_run_method_reuses_only_a_finished_run_with_the_same_settings(tiny_model
     assert finished(config) is None
     run_json.write_text(json.dumps(stored))
 
-    def no_training(settings):
+    def no_training(settings, **options):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(trainer, "train", no_training)
