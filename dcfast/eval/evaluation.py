@@ -242,14 +242,14 @@ def _readable(read) -> dict:
         return {}
 
 
-def run_info(run: Run, num_tasks: int) -> Tuple[str, Optional[float]]:
+def run_info(run: Run, task_metrics: List[dict]) -> Tuple[str, Optional[float]]:
     """(method, training seconds or None) from the run's files, where present.
 
     The method is the run's config.method (else the folder name); the time sums "seconds" of every task's
-    metrics.json (None when a task lacks it).
+    metrics.json, `task_metrics` (None when a task lacks it).
     """
     method = _readable(run.config).get("method")
-    seconds = [_readable(lambda: run.metrics(j)).get("seconds") for j in range(1, num_tasks + 1)]
+    seconds = [m.get("seconds") for m in task_metrics]
     total = float(sum(seconds)) if all(isinstance(s, (int, float)) for s in seconds) else None
     return method if isinstance(method, str) else run.path.resolve().name, total
 
@@ -295,9 +295,10 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     acc, mmd, sec = nan.clone(), nan.clone(), nan.clone()
     i2i = None
     oracle, fid = None, None
-    if config.fidelity_only and world_concepts(tasks) is None:
+    concepts = world_concepts(tasks)
+    if config.fidelity_only and concepts is None:
         raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
-    if world_concepts(tasks) is not None:
+    if concepts is not None:
         from dcfast.world.scenes import ATTRIBUTES
 
         oracle = _load_oracle(config)
@@ -324,7 +325,8 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     for task in tasks:
         size = size or samples[(task.index, task.index)].shape[-1]
         real_samples[task.index] = to_uint8(_real_images(task, size, config)[:config.grid_images])
-    label, train_seconds = run_info(run, n)
+    task_metrics = [_readable(lambda: run.metrics(t.index)) for t in tasks]
+    label, train_seconds = run_info(run, task_metrics)
     if config.fidelity_only:
         acc = mmd = sec = None
         summary = dict.fromkeys(("ammd", "bwt_mmd", "final_accuracy", "forgetting"))
@@ -341,8 +343,8 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     task_info = [{"index": t.index, "token": t.token, "class_word": t.class_word, "prompt": t.prompt,
                   "pretrained_concept_prompt": t.pretrained_concept_prompt,
                   "eval_split": "held-out" if t.eval_images is not None else "train",
-                  **{key: _readable(lambda: run.metrics(t.index)).get(key) for key in ("lora_change", "token_change")}}
-                 for t in tasks]
+                  "lora_change": recorded.get("lora_change"), "token_change": recorded.get("token_change")}
+                 for t, recorded in zip(tasks, task_metrics)]
     return EvalResult(run_dir=os.fspath(run_dir), method=method or label, features=extractor.name, tasks=task_info,
                       accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary, fidelity=fid,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},

@@ -142,13 +142,34 @@ def training_differences(run_dir: str, train_settings) -> Optional[List[str]]:
     return differences
 
 
-def finished_training(run_dir: str, train_settings) -> bool:
-    """Whether `run_dir` holds a run trained to its end with `train_settings` (`training_differences` is empty)."""
+def _all_tasks_finished(run_dir: str) -> bool:
+    run = Run(run_dir)
     try:
-        finished = len(Run(run_dir).finished_tasks()) == len(Run(run_dir).tasks())
+        return len(run.finished_tasks()) == len(run.tasks())
     except (OSError, ValueError, TypeError, KeyError):
         return False
-    return finished and training_differences(run_dir, train_settings) == []
+
+
+def _stored_evaluation(run_dir: str) -> Dict[str, object]:
+    """The run's eval/metrics.json, or {} (absent or unreadable)."""
+    try:
+        return Run(run_dir).evaluation()
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def _matching_summary(stored: Dict[str, object], eval_config) -> Optional[Dict[str, object]]:
+    """A stored evaluation's summary when it was made with `eval_config` (`same_evaluation`) and has its
+    training time, else None."""
+    summary = stored.get("summary", {})
+    if stored and same_evaluation(stored.get("config", {}), eval_config) and "train_seconds" in summary:
+        return summary
+    return None
+
+
+def finished_training(run_dir: str, train_settings) -> bool:
+    """Whether `run_dir` holds a run trained to its end with `train_settings` (`training_differences` is empty)."""
+    return _all_tasks_finished(run_dir) and training_differences(run_dir, train_settings) == []
 
 
 def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict[str, object]]:
@@ -156,14 +177,7 @@ def finished_summary(run_dir: str, train_settings, eval_config) -> Optional[Dict
     with `eval_config` (`same_evaluation`), or None (absent, unfinished or different)."""
     if not finished_training(run_dir, train_settings):
         return None
-    try:
-        metrics = Run(run_dir).evaluation()
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if not same_evaluation(metrics.get("config", {}), eval_config):
-        return None
-    summary = metrics.get("summary", {})
-    return summary if "train_seconds" in summary else None
+    return _matching_summary(_stored_evaluation(run_dir), eval_config)
 
 
 def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run_dir: str,
@@ -180,21 +194,20 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     from dcfast.training.trainer import train
 
     train_settings, eval_config = train_config(config, method, tasks, run_dir), evaluation_config(config)
-    stored = finished_summary(run_dir, train_settings, eval_config) if reuse else None
-    if stored is not None:
-        log(f"[{method}] reusing the finished run in {run_dir}")
-        eval_dir = Path(run_dir) / EVAL_DIR
-        return {"method": method, "run_dir": run_dir, "summary": stored,
-                "report": {"report": str(eval_dir / "report.md"), "metrics": str(eval_dir / METRICS_FILE)}}
+    differences = training_differences(run_dir, train_settings) if reuse else None  # once: it hashes the base
     train_seconds = None
-    if reuse and finished_training(run_dir, train_settings):
+    if differences == [] and _all_tasks_finished(run_dir):
+        stored = _stored_evaluation(run_dir)
+        summary = _matching_summary(stored, eval_config)
+        if summary is not None:
+            log(f"[{method}] reusing the finished run in {run_dir}")
+            eval_dir = Path(run_dir) / EVAL_DIR
+            return {"method": method, "run_dir": run_dir, "summary": summary,
+                    "report": {"report": str(eval_dir / "report.md"), "metrics": str(eval_dir / METRICS_FILE)}}
         log(f"[{method}] reusing the trained run in {run_dir}; evaluating it again with other settings")
-        try:
-            train_seconds = Run(run_dir).evaluation()["summary"]["train_seconds"]  # the wall time measured then
-        except (OSError, ValueError, TypeError, KeyError):
-            pass  # else evaluate's: the sum of the tasks' recorded seconds
+        # the wall time measured then, else (None) evaluate's: the sum of the tasks' recorded seconds
+        train_seconds = stored.get("summary", {}).get("train_seconds")
     else:
-        differences = training_differences(run_dir, train_settings) if reuse else None
         if differences and Run(run_dir).finished_tasks():
             raise ValueError(f"{run_dir} already holds a {method} run trained with other settings "
                              f"({', '.join(differences)}); remove that folder, or give the benchmark another "

@@ -24,6 +24,22 @@ def add_lora(unet, rank: int, alpha: int, target_modules: Sequence[str], seed: i
         unet.add_adapter(config, adapter_name=ADAPTER)
 
 
+# The U-Net's cross-attention key and value projections (diffusers names them attn2.to_k / attn2.to_v)
+CROSS_ATTENTION_KV = (".attn2.to_k.", ".attn2.to_v.")
+
+
+def is_cross_attention_kv(name: str) -> bool:
+    """Whether a U-Net parameter name belongs to a cross-attention key or value projection."""
+    return any(part in name for part in CROSS_ATTENTION_KV)
+
+
+def train_cross_attention_kv_only(unet) -> None:
+    """Leave only the cross-attention K/V LoRA factors trainable (the trainer's optimizer takes the trainable ones);
+    every other factor keeps its start (B = 0: no change to the U-Net)."""
+    for name, param in lora_parameters(unet).items():
+        param.requires_grad_(is_cross_attention_kv(name))
+
+
 def lora_parameters(unet) -> Dict[str, torch.nn.Parameter]:
     """The LoRA parameters by U-Net parameter name (lora_A / lora_B weights)."""
     return {name: p for name, p in unet.named_parameters() if ".lora_A." in name or ".lora_B." in name}

@@ -69,7 +69,7 @@ def test_clora_cross_kv_scope_trains_and_merges_the_key_value_projections_only(m
     merge of task 1's LoRA into the base weights; those inside move."""
     from dcfast.models.loading import load_components
     from dcfast.training.adapters import add_lora
-    from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
+    from dcfast.training.adapters import is_cross_attention_kv
 
     config = make_config("c-lora", max_train_steps=2, clora_scope="cross_kv")
     initial = load_components(config.pretrained_model_name_or_path)

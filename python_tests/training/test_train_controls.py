@@ -92,7 +92,7 @@ def test_joint_loss_conditions_each_image_on_its_own_prompt(make_config):
 
 
 def test_custom_diffusion_changes_only_cross_attention_kv_and_the_token(make_config):
-    from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
+    from dcfast.training.adapters import is_cross_attention_kv
 
     config = make_config("custom-diffusion", max_train_steps=3)
     initial = load_components(config.pretrained_model_name_or_path)

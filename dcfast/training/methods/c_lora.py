@@ -14,9 +14,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from dcfast.training.adapters import ADAPTER, lora_layers, lora_state
+from dcfast.training.adapters import ADAPTER, lora_layers, lora_state, train_cross_attention_kv_only
 from dcfast.training.methods.base import Method, Models, TaskData
-from dcfast.training.methods.custom_diffusion import is_cross_attention_kv
 from dcfast.training.settings import MethodSettings, setting
 
 
@@ -46,9 +45,8 @@ class CLoRA(Method):
         super().__init__(config, models)
         self.past: List[Dict[str, torch.Tensor]] = []  # LoRA_1 .. LoRA_{n-1}, merged into the base weights
         self.w_past: Dict[str, torch.Tensor] = {}  # layer name -> sum_{i<n} scaling * B_i A_i
-        if self.settings.clora_scope == "cross_kv":  # the optimizer gets the K/V factors alone
-            for name, param in models.lora().items():
-                param.requires_grad_(is_cross_attention_kv(name))
+        if self.settings.clora_scope == "cross_kv":
+            train_cross_attention_kv_only(models.unet)
 
     @property
     def random_token_init(self) -> bool:  # the trainer reads it when it makes each task's token

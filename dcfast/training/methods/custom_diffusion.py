@@ -12,17 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
+from dcfast.training.adapters import train_cross_attention_kv_only
 from dcfast.training.methods.base import Method, Models
 from dcfast.training.settings import MethodSettings
 
-# The U-Net's cross-attention key and value projections (diffusers names them attn2.to_k / attn2.to_v)
-CROSS_ATTENTION_KV = (".attn2.to_k.", ".attn2.to_v.")
-KV_MODULES = ("to_k", "to_v")
-
-
-def is_cross_attention_kv(name: str) -> bool:
-    """Whether a U-Net parameter name belongs to a cross-attention key or value projection."""
-    return any(part in name for part in CROSS_ATTENTION_KV)
+KV_MODULES = ("to_k", "to_v")  # the target_modules it needs
 
 
 @dataclass
@@ -45,5 +39,4 @@ class CustomDiffusion(Method):
 
     def __init__(self, config, models: Models):
         super().__init__(config, models)
-        for name, param in models.lora().items():  # the optimizer gets the K/V factors alone
-            param.requires_grad_(is_cross_attention_kv(name))
+        train_cross_attention_kv_only(models.unet)

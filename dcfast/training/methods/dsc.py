@@ -161,12 +161,17 @@ class Distiller:
         """L_DSC averaged over the T2 teachers pool[m], m in `teachers`, one (t, eps) draw for all (without the
         T1 terms when `with_t1` is False), and its parts. Every teacher is read before any student pass."""
         targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1) for m in teachers]
+        return self.mean_student_loss(targets, x0, timesteps, noise, temperature)
+
+    def mean_student_loss(self, targets: List[Dict[str, torch.Tensor]], x0: torch.Tensor, timesteps: torch.Tensor,
+                          noise: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """`student_loss` averaged over the teachers' `targets` (read first, all of them), and its parts."""
         total, parts = 0.0, {}
         for target in targets:
             loss, logs = self.student_loss(target, x0, timesteps, noise, temperature)
-            total = total + loss / len(teachers)
+            total = total + loss / len(targets)
             for key, value in logs.items():
-                parts[key] = parts.get(key, 0.0) + value / len(teachers)
+                parts[key] = parts.get(key, 0.0) + value / len(targets)
         return total, parts
 
     def draw_teachers(self, task: TaskData) -> List[int]:
@@ -235,13 +240,8 @@ class Distiller:
         if pending is None:
             return loss, logs
         targets, timesteps, noise = pending
-        logs = dict(logs)
-        for target in targets:
-            distill, parts = self.student_loss(target, x0, timesteps, noise, temperature)
-            loss = loss + distill / len(targets)
-            for key, value in parts.items():
-                logs[key] = logs.get(key, 0.0) + value / len(targets)
-        return loss, logs
+        distill, parts = self.mean_student_loss(targets, x0, timesteps, noise, temperature)
+        return loss + distill, {**logs, **parts}
 
     def consolidate(self, task: TaskData, temperature: float, penalty: Optional[Callable[[], torch.Tensor]] = None,
                     log: Optional[LogParts] = None) -> Dict[str, float]:
