@@ -17,15 +17,17 @@ _ELEMENTWISE = {
 
 def dc_scores_naive(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
                     num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
-                    max_batch: Optional[int] = None, huber_delta: float = 1.0) -> torch.Tensor:
+                    max_batch: Optional[int] = None, huber_delta: float = 1.0,
+                    added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
     """`dcfast.dc_scores` as a loop: one U-Net call of batch B per (concept, timestep). `max_batch` is ignored.
 
-    The target is the noise, or `scheduler.get_velocity(x0, eps, t)` for v-prediction schedulers.
+    The target is the noise, or `scheduler.get_velocity(x0, eps, t)` for v-prediction schedulers. An SDXL U-Net
+    gets concept k's pooled text embedding and every image's time ids as diffusers' `added_cond_kwargs`.
     """
     if loss not in _ELEMENTWISE:
         raise ValueError(f"loss must be one of {tuple(_ELEMENTWISE)}, got {loss!r}")
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
-                            num_timesteps=num_timesteps, generator=generator)
+                            num_timesteps=num_timesteps, generator=generator, added_cond_kwargs=added_cond_kwargs)
     B, T = inputs.shape
     images = torch.arange(B, device=x0.device)
     errors = []
@@ -33,8 +35,10 @@ def dc_scores_naive(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, ti
         per_concept = []
         for j in range(T):
             step = torch.full((B,), j, device=x0.device)
+            added = {} if inputs.text_embeds is None else {"added_cond_kwargs": {
+                "text_embeds": inputs.text_embeds[k:k + 1].expand(B, -1), "time_ids": inputs.time_ids}}
             pred = unet(inputs.x_t(images, step), inputs.timesteps[:, j],
-                        encoder_hidden_states=cond[k:k + 1].expand(B, -1, -1), return_dict=False)[0]
+                        encoder_hidden_states=cond[k:k + 1].expand(B, -1, -1), return_dict=False, **added)[0]
             target = inputs.noise[:, j]
             if getattr(scheduler, "config", {}).get("prediction_type", "epsilon") == "v_prediction":
                 target = scheduler.get_velocity(x0, target, inputs.timesteps[:, j])  # diffusers' own v

@@ -66,7 +66,9 @@ def _chunk_predictions(unet, inputs: DCInputs, cond: torch.Tensor, chunk: Chunk,
     """The chunk's U-Net outputs as (nb, nk, nt, C*H*W) in the noise's dtype."""
     x_pairs, t_pairs = _pair_inputs(inputs, chunk)
     layout = chunk.layout
-    out = forward_rows(unet, x_pairs, t_pairs, cond[chunk.k0:chunk.k1], layout, shares)
+    images, concepts, _ = chunk.index
+    out = forward_rows(unet, x_pairs, t_pairs, cond[concepts], layout, shares,
+                       inputs.added_cond_kwargs(images, concepts))
     return _as_rows(out, inputs.noise.dtype).view(layout.nb, layout.nk, layout.nt, -1)
 
 
@@ -108,7 +110,8 @@ def _requested(share) -> FrozenSet[str]:
 
 def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
               num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
-              max_batch: Optional[int] = None, huber_delta: float = 1.0, share=None) -> torch.Tensor:
+              max_batch: Optional[int] = None, huber_delta: float = 1.0, share=None,
+              added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
     """DC errors err (B, K, T) of every image under every concept, in one chunked batched U-Net pass.
 
     Args:
@@ -123,13 +126,15 @@ def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timestep
             row shape, device, dtype and thread count (`dcfast.engine.chunks.chunk_tuner`); on CUDA the whole pass (halved on OOM).
         share: exact work done once instead of once per concept, a subset of ("prefix", "kv", "temb")
             (`dcfast.engine.unet_pass`); None: DEFAULT_SHARES; (): the plain U-Net call on every row.
+        added_cond_kwargs: an SDXL U-Net's added conditions, {"text_embeds": (K, P) each concept's pooled text
+            embedding, "time_ids": (B, 6) each image's size and crop, or (6,) for all}; None for SD 1.x/2.x.
 
     Differentiable when grad is enabled (the graph spans all chunks; see `dc_loss_backward` for the
     memory-bounded gradient).
     """
     _check_loss(loss)
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
-                            num_timesteps=num_timesteps, generator=generator)
+                            num_timesteps=num_timesteps, generator=generator, added_cond_kwargs=added_cond_kwargs)
     return _errors(unet, inputs, cond, loss, max_batch, huber_delta, share)
 
 
@@ -137,7 +142,7 @@ def dc_scores_with_predictions(unet, scheduler, x0: torch.Tensor, cond: torch.Te
                                *, timesteps=None, noise=None, num_timesteps: int = 8,
                                generator: Optional[torch.Generator] = None, loss: str = "l2",
                                max_batch: Optional[int] = None, huber_delta: float = 1.0,
-                               share=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               share=None, added_cond_kwargs: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`dc_scores` plus the pass's own U-Net outputs under `concepts` (indices into cond), no extra U-Net call.
 
     Returns (err (B, K, T), predictions (B, len(concepts), T, C, H, W) in the noise's dtype): predictions[b, i, j]
@@ -146,7 +151,7 @@ def dc_scores_with_predictions(unet, scheduler, x0: torch.Tensor, cond: torch.Te
     """
     _check_loss(loss)
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
-                            num_timesteps=num_timesteps, generator=generator)
+                            num_timesteps=num_timesteps, generator=generator, added_cond_kwargs=added_cond_kwargs)
     concepts = [int(k) for k in concepts]
     if any(not 0 <= k < cond.shape[0] for k in concepts):
         raise ValueError(f"concepts must index cond's {cond.shape[0]} conditions, got {concepts}")
@@ -209,23 +214,28 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor], torch.Tensor], *, timesteps=None, noise=None,
                      num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
                      max_batch: Optional[int] = None, huber_delta: float = 1.0,
-                     share=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     share=None, added_cond_kwargs: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate `loss_fn(err)` at the memory of one chunk, with the unchunked pass's gradients.
 
     The softmax over concepts couples all K*T errors of an image, so chunks cannot be backpropagated
     independently with their own loss. Two passes instead (docs/design.md: the memory-bounded DC gradient):
       (a) every chunk's errors without grad -> err; loss_fn(err).backward() gives dL/d err;
       (b) per chunk, recompute the U-Net rows with grad and backpropagate dL/d err of those rows.
-    Gradients accumulate into `.grad` of the U-Net's parameters (and of x0/cond when they require
-    grad; their upstream graphs are traversed once, after the last chunk). `max_batch` and `share` as in
-    `dc_scores` (every share recomputes per chunk, so each chunk's graph is its own).
+    Gradients accumulate into `.grad` of the U-Net's parameters (and of x0, cond and SDXL's text_embeds when
+    they require grad; their upstream graphs are traversed once, after the last chunk). `max_batch`, `share` and
+    `added_cond_kwargs` as in `dc_scores` (every share recomputes per chunk, so each chunk's graph is its own).
     Returns (loss, err), both detached.
     """
     _check_loss(loss)
-    x0_leaf = x0.detach().requires_grad_(x0.requires_grad)
-    cond_leaf = cond.detach().requires_grad_(cond.requires_grad)
+    inputs_given = {"x0": x0, "cond": cond}
+    if added_cond_kwargs and isinstance(added_cond_kwargs.get("text_embeds"), torch.Tensor):
+        inputs_given["text_embeds"] = added_cond_kwargs["text_embeds"]
+    leaves = {name: t.detach().requires_grad_(t.requires_grad) for name, t in inputs_given.items()}
+    x0_leaf, cond_leaf = leaves["x0"], leaves["cond"]
+    added_leaves = dict(added_cond_kwargs, text_embeds=leaves["text_embeds"]) if "text_embeds" in leaves \
+        else added_cond_kwargs
     inputs = prepare_inputs(unet, scheduler, x0_leaf, cond_leaf, timesteps=timesteps, noise=noise,
-                            num_timesteps=num_timesteps, generator=generator)
+                            num_timesteps=num_timesteps, generator=generator, added_cond_kwargs=added_leaves)
     with torch.no_grad():
         err = _errors(unet, inputs, cond_leaf, loss, max_batch, huber_delta, share)
     err = err.requires_grad_(True)
@@ -245,8 +255,8 @@ def dc_loss_backward(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor,
             pred = _chunk_predictions(unet, inputs, cond_leaf, chunk, shares)
             target = _pair_target(inputs, chunk)  # per chunk: its graph to x0 is the chunk's own
             dc_error(pred, target, loss, huber_delta).backward(grad_err[chunk.index])
-    if x0.requires_grad:
-        x0.backward(x0_leaf.grad)
-    if cond.requires_grad:
-        cond.backward(cond_leaf.grad)
+    given = [(t, leaves[name].grad) for name, t in inputs_given.items() if t.requires_grad]
+    if given:  # one traversal of the shared upstream graph (a text encoder feeds both cond and text_embeds)
+        torch.autograd.backward([t for t, _ in given],
+                                [g if g is not None else torch.zeros_like(t) for t, g in given])
     return value.detach(), err.detach()

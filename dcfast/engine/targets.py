@@ -24,6 +24,16 @@ class DCInputs:
     timesteps: torch.Tensor  # (B, T) long
     abar: torch.Tensor  # (B, T) alphas_cumprod[timesteps] in x0's dtype
     prediction: str = "epsilon"  # the scheduler's prediction_type, one of PREDICTION_TYPES
+    # SDXL's added conditions (a U-Net with addition_embed_type "text_time"), else None: each concept's pooled
+    # text embedding (K, P) and each image's size-and-crop ids (B, n).
+    text_embeds: Optional[torch.Tensor] = None
+    time_ids: Optional[torch.Tensor] = None
+
+    def added_cond_kwargs(self, images: slice, concepts: slice) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(text_embeds of `concepts`, time_ids of `images`), or None for a U-Net without added conditions."""
+        if self.text_embeds is None:
+            return None
+        return self.text_embeds[concepts], self.time_ids[images]
 
     def x_t(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Noised inputs of rows (b, j): sqrt(abar) x0[b] + sqrt(1 - abar) eps[b, j]."""
@@ -71,7 +81,8 @@ def alphas_cumprod(scheduler) -> torch.Tensor:
 
 
 def prepare_inputs(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
-                   num_timesteps: int = 8, generator: Optional[torch.Generator] = None) -> DCInputs:
+                   num_timesteps: int = 8, generator: Optional[torch.Generator] = None,
+                   added_cond_kwargs: Optional[dict] = None) -> DCInputs:
     """Check shapes, dtypes and devices; draw missing timesteps/noise. Shared by every engine."""
     if not isinstance(x0, torch.Tensor) or x0.dim() != 4:
         raise ValueError(f"x0 must be a (B, C, H, W) tensor, got {getattr(x0, 'shape', type(x0))}")
@@ -115,4 +126,50 @@ def prepare_inputs(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, tim
     noise = noise.expand(B, T, C, H, W)
 
     abar = alphas.to(x0.device)[timesteps].to(x0.dtype)
-    return DCInputs(x0=x0, noise=noise, timesteps=timesteps, abar=abar, prediction=prediction_type(scheduler))
+    text_embeds, time_ids = added_conditions(unet, added_cond_kwargs, B, K, x0)
+    return DCInputs(x0=x0, noise=noise, timesteps=timesteps, abar=abar, prediction=prediction_type(scheduler),
+                    text_embeds=text_embeds, time_ids=time_ids)
+
+
+def uses_added_conditions(unet) -> bool:
+    """Whether the U-Net (peft-wrapped or not) reads SDXL's text_embeds and time_ids (addition_embed_type "text_time")."""
+    config = getattr(unet, "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def added_conditions(unet, added_cond_kwargs: Optional[dict], B: int, K: int,
+                     x0: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Checked (text_embeds (K, P), time_ids (B, n)) of an SDXL U-Net, (None, None) for one without added conditions.
+
+    time_ids may be given once, (n,), for every image (the same size and crop) and is expanded to (B, n).
+    """
+    if not uses_added_conditions(unet):
+        if added_cond_kwargs:
+            raise ValueError("added_cond_kwargs given, but the U-Net has no added conditions (its config's "
+                             "addition_embed_type is not 'text_time', i.e. not SDXL): drop added_cond_kwargs")
+        return None, None
+    if not added_cond_kwargs or set(added_cond_kwargs) != {"text_embeds", "time_ids"}:
+        raise ValueError(f"an SDXL U-Net (addition_embed_type 'text_time') needs added_cond_kwargs with exactly "
+                         f"'text_embeds' (K, P), each concept's pooled text embedding, and 'time_ids' (B, 6) or (6,), "
+                         f"each image's size and crop; got {sorted(added_cond_kwargs or {})}")
+    text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+    config = unet.config
+    if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 2 or text_embeds.shape[0] != K:
+        raise ValueError(f"added_cond_kwargs['text_embeds'] must be (K, P) with K={K} (one pooled embedding per "
+                         f"concept of cond), got {tuple(getattr(text_embeds, 'shape', ()))}")
+    time_ids = torch.as_tensor(time_ids, device=x0.device)
+    if time_ids.dim() == 1:
+        time_ids = time_ids.expand(B, -1)
+    if time_ids.dim() != 2 or time_ids.shape[0] != B:
+        raise ValueError(f"added_cond_kwargs['time_ids'] must be (B, n) with B={B} (one row per image) or (n,) "
+                         f"shared, got {tuple(time_ids.shape)}")
+    width = text_embeds.shape[1] + time_ids.shape[1] * config.addition_time_embed_dim
+    if width != config.projection_class_embeddings_input_dim:
+        raise ValueError(f"text_embeds ({text_embeds.shape[1]}) and time_ids ({time_ids.shape[1]} x "
+                         f"addition_time_embed_dim {config.addition_time_embed_dim}) make {width} inputs, but the "
+                         f"U-Net's projection_class_embeddings_input_dim is "
+                         f"{config.projection_class_embeddings_input_dim}: pass the pooled embedding of its second "
+                         f"text encoder and SDXL's 6 time ids")
+    if text_embeds.device != x0.device:
+        raise ValueError(f"added_cond_kwargs['text_embeds'] is on {text_embeds.device}, x0 on {x0.device}")
+    return text_embeds.to(x0.dtype), time_ids.to(x0.dtype)

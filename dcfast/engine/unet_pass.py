@@ -11,6 +11,12 @@ of a pair (b, j), and are exact to share:
             transformer's norm / proj_in, its first block's self-attention, and norm2 and the query of its
             cross-attention - once per (image, t) pair, broadcast over the nk concepts.
 
+SDXL (a U-Net with addition_embed_type "text_time") adds to the time embedding an embedding of each concept's
+pooled text embedding and each image's size-and-crop time ids, so its emb depends on (image, concept, t): "temb"
+stays exact as the time part once per distinct t plus the added part once per (image, concept); "kv" is exact
+as is (keys and values read only the concept's hidden states); "prefix" is off (its first resnet reads emb, and
+SDXL's first down block has no cross-attention to share up to anyway).
+
 `forward_rows` runs the U-Net's own modules (peft LoRA layers inside them included) in diffusers'
 UNet2DConditionModel order, so gradients flow as in the plain call. Where a model or a share does not
 fit what is mirrored here (another U-Net class, extra embeddings, custom attention processors, gradient
@@ -115,7 +121,7 @@ def base_unet(unet):
     if hasattr(unet, "_hf_hook") or hasattr(unet, "_diffusers_hook"):  # accelerate/diffusers forward wrappers
         return None
     config = unet.config
-    if (unet.class_embedding is not None or config.addition_embed_type is not None
+    if (unet.class_embedding is not None or config.addition_embed_type not in (None, "text_time")
             or unet.encoder_hid_proj is not None or getattr(unet, "position_net", None) is not None):
         return None
     return unet
@@ -176,6 +182,8 @@ def usable_shares(unet, requested: Iterable[str]) -> FrozenSet[str]:
     base = base_unet(unet)
     if not requested or base is None or _global_hooks() or _checkpointing(base):
         return frozenset()
+    if base.config.addition_embed_type is not None and _has_hooks(base.add_time_proj, base.add_embedding):
+        return frozenset()  # shared, the added embedding runs once per (image, concept): a hook would see fewer rows
     usable = set()
     if "temb" in requested and not _has_hooks(base.time_proj, base.time_embedding):
         usable.add("temb")
@@ -183,7 +191,7 @@ def usable_shares(unet, requested: Iterable[str]) -> FrozenSet[str]:
     if ("kv" in requested and attentions and all(_plain_cross_attention(a) for a in attentions)
             and not any(_has_hooks(a) for a in attentions)):
         usable.add("kv")
-    if "prefix" in requested:
+    if "prefix" in requested and base.config.addition_embed_type is None:  # SDXL: emb depends on the concept
         first = _first_transformer(base)
         if first is not None:
             block, transformer, blk = first
@@ -284,12 +292,44 @@ class _Installed:
 # ------------------------------------------------------------------------------------------------------
 
 def _time_embedding(unet, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """UNet2DConditionModel's emb for `timesteps` (n,), as its forward computes it (sample: dtype and device)."""
+    """UNet2DConditionModel's time embedding for `timesteps` (n,), before the added conditions and the activation."""
     probe = sample[:1].expand(timesteps.shape[0], *sample.shape[1:])
-    emb = unet.time_embedding(unet.get_time_embed(sample=probe, timestep=timesteps), None)
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    return emb
+    return unet.time_embedding(unet.get_time_embed(sample=probe, timestep=timesteps), None)
+
+
+def _activated(unet, emb: torch.Tensor) -> torch.Tensor:
+    return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+
+
+def _added_embedding(unet, added, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's aug_emb per (image, concept) of the chunk, (nb * nk, E), as UNet2DConditionModel.get_aug_embed
+    computes it: add_embedding(concat(text_embeds[k], add_time_proj(time_ids[b]))). Once per (b, k), not per row."""
+    text_embeds, time_ids = added
+    times = unet.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
+    inputs = torch.cat([text_embeds.unsqueeze(0).expand(layout.nb, -1, -1),
+                        times.unsqueeze(1).expand(-1, layout.nk, -1)], dim=-1)
+    return unet.add_embedding(inputs.reshape(layout.nb * layout.nk, -1).to(dtype))
+
+
+def _row_embedding(unet, sample: torch.Tensor, t_pairs: torch.Tensor, layout: Layout, added, once_per_t: bool,
+                   per_pair: bool):
+    """(emb per pair or None, emb per row): the time embedding (once per distinct t, per pair or per row), plus
+    SDXL's added embedding per (image, concept) broadcast over the chunk's timesteps, then the activation.
+
+    The per-pair embedding exists only without added conditions (with them, emb depends on the concept)."""
+    if once_per_t:
+        distinct, inverse = torch.unique(t_pairs, return_inverse=True)
+        base_pairs = _time_embedding(unet, sample, distinct).index_select(0, inverse)
+    elif per_pair or added is not None:
+        base_pairs = _time_embedding(unet, sample, t_pairs)
+    else:  # once per row, as the plain call
+        return None, _activated(unet, _time_embedding(unet, sample, layout.pairs_to_rows(t_pairs)))
+    if added is None:
+        emb_pairs = _activated(unet, base_pairs)
+        return emb_pairs, layout.pairs_to_rows(emb_pairs)
+    aug = _added_embedding(unet, added, layout, base_pairs.dtype).view(layout.nb, layout.nk, 1, -1)
+    rows = base_pairs.view(layout.nb, 1, layout.nt, -1) + aug
+    return None, _activated(unet, rows.reshape(layout.rows, -1))
 
 
 def _prefix_block(parts, x: torch.Tensor, emb_pairs: torch.Tensor, emb_rows: torch.Tensor, cond: torch.Tensor,
@@ -341,29 +381,27 @@ def _prefix_block(parts, x: torch.Tensor, emb_pairs: torch.Tensor, emb_rows: tor
 
 
 def forward_rows(unet, x_pairs: torch.Tensor, t_pairs: torch.Tensor, cond: torch.Tensor, layout: Layout,
-                 shares: FrozenSet[str]) -> torch.Tensor:
+                 shares: FrozenSet[str], added=None) -> torch.Tensor:
     """U-Net outputs (rows, C, H, W), rows (b, k, j), for noised inputs x_pairs (pairs, C, H, W) ordered (b, j),
-    their timesteps t_pairs (pairs,) and the chunk's concept conditions cond (nk, L, D).
+    their timesteps t_pairs (pairs,) and the chunk's concept conditions cond (nk, L, D); for an SDXL U-Net,
+    `added` = (text_embeds (nk, P), time_ids (nb, n)) of the chunk's concepts and images.
 
     `shares` must come from `usable_shares(unet, ...)`; empty: the plain U-Net call on gathered rows.
     """
     if not shares:
+        kwargs = {}
+        if added is not None:
+            text_embeds, time_ids = added
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": layout.concepts_to_rows(text_embeds),
+                "time_ids": layout.pairs_to_rows(time_ids.repeat_interleave(layout.nt, dim=0))}
         return unet(layout.pairs_to_rows(x_pairs), layout.pairs_to_rows(t_pairs),
-                    encoder_hidden_states=layout.concepts_to_rows(cond), return_dict=False)[0]
+                    encoder_hidden_states=layout.concepts_to_rows(cond), return_dict=False, **kwargs)[0]
     unet = base_unet(unet)
     prefix, kv = "prefix" in shares, "kv" in shares
     sample = 2 * x_pairs - 1.0 if unet.config.center_input_sample else x_pairs
-
-    if "temb" in shares:  # once per distinct t
-        distinct, inverse = torch.unique(t_pairs, return_inverse=True)
-        emb_pairs = _time_embedding(unet, sample, distinct).index_select(0, inverse)
-        emb_rows = layout.pairs_to_rows(emb_pairs)
-    elif prefix:  # once per pair, as the prefix needs it
-        emb_pairs = _time_embedding(unet, sample, t_pairs)
-        emb_rows = layout.pairs_to_rows(emb_pairs)
-    else:  # once per row, as the plain call
-        emb_rows = _time_embedding(unet, sample, layout.pairs_to_rows(t_pairs))
-        emb_pairs = None
+    emb_pairs, emb_rows = _row_embedding(unet, sample, t_pairs, layout, added, once_per_t="temb" in shares,
+                                         per_pair=prefix)
     enc = cond if kv else layout.concepts_to_rows(cond)
     parts = _first_transformer(unet) if prefix else None  # before the shared processors replace the default ones
 

@@ -2,7 +2,9 @@
 benchmarks and the shipped base model's pretraining start from them.
 
 The U-Net mirrors SD 1.x's block layout (cross-attention at full resolution first) at toy width; the
-tokenizer is a real CLIPTokenizer over a small written vocabulary.
+tokenizer is a real CLIPTokenizer over a small written vocabulary. `tiny_xl` is the same at SDXL's layout:
+two text encoders (the second with a projection, whose pooled output conditions the U-Net with the time ids),
+no cross-attention in the first down block, linear projections in the transformers.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_CROSS_ATTENTION_DIM = 32
 
@@ -135,13 +138,23 @@ def tiny_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(directory, model_max_length=77)
 
 
+def _tiny_text_config(vocab_size: int, eos_token_id: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_CROSS_ATTENTION_DIM, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                          eos_token_id=eos_token_id, bos_token_id=eos_token_id - 1, pad_token_id=eos_token_id, **extra)
+
+
 def tiny_text_encoder(vocab_size: int, eos_token_id: int, seed: int = 0) -> CLIPTextModel:
     """A 2-layer CLIPTextModel with hidden size 32 (= the tiny U-Net's cross_attention_dim)."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_CROSS_ATTENTION_DIM, intermediate_size=37,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                            eos_token_id=eos_token_id, bos_token_id=eos_token_id - 1, pad_token_id=eos_token_id)
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(_tiny_text_config(vocab_size, eos_token_id)).eval()
+
+
+def tiny_text_encoder_with_projection(vocab_size: int, eos_token_id: int, seed: int = 0) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder at toy size: hidden 32, a projection to 32 (the pooled `text_embeds`)."""
+    torch.manual_seed(seed)
+    config = _tiny_text_config(vocab_size, eos_token_id, projection_dim=TINY_CROSS_ATTENTION_DIM)
+    return CLIPTextModelWithProjection(config).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -150,6 +163,46 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION).eval()
+
+
+TINY_XL_TIME_EMBED_DIM = 8  # addition_time_embed_dim (SDXL: 256), for each of the 6 time ids
+
+
+def tiny_xl_unet(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2) -> UNet2DConditionModel:
+    """SDXL's U-Net layout at toy width: DownBlock2D first, cross-attention below, linear projections, and the
+    "text_time" added embedding of the pooled text embedding (32) and the 6 time ids."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * TINY_CROSS_ATTENTION_DIM,  # the two encoders' hidden states side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_XL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TINY_CROSS_ATTENTION_DIM + 6 * TINY_XL_TIME_EMBED_DIM,
+        norm_num_groups=32,
+    )
+    return unet.eval()
+
+
+def tiny_xl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny SDXL-layout pipeline built in code (no downloads): two tokenizers and text encoders, the SDXL
+    U-Net layout, a tiny VAE, DDIM. Saves and loads like `tiny()`, with text_encoder_2/ and tokenizer_2/."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    scheduler = DDIMScheduler.from_config(tiny_scheduler().config, steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tokenizer), eos, seed=seed),
+        text_encoder_2=tiny_text_encoder_with_projection(len(tokenizer), eos, seed=seed + 1),
+        tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=tiny_xl_unet(seed), scheduler=scheduler,
+        force_zeros_for_empty_prompt=True)
 
 
 def tiny(seed: int = 0) -> StableDiffusionPipeline:

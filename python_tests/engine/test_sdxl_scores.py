@@ -1,0 +1,142 @@
+"""The DC engine on an SDXL U-Net (added conditions text_embeds and time_ids) against the naive loop."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import dcfast
+from dcfast.engine.reference import dc_scores_naive
+from dcfast.engine.scores import dc_scores_with_predictions
+from dcfast.engine.unet_pass import SHARES, usable_shares
+from dcfast.models.tiny import tiny_xl_unet
+
+B, K, T, C, S = 2, 3, 2, 4, 8
+POOLED, TIME_IDS = 32, 6
+
+
+@pytest.fixture(scope="module")
+def xl_unet():
+    unet = tiny_xl_unet(seed=3)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return unet.eval()
+
+
+def _problem(seed=0, per_image_time_ids=True):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, C, S, S, generator=g)
+    cond = torch.randn(K, 5, 64, generator=g)
+    text_embeds = torch.randn(K, POOLED, generator=g)
+    # SDXL's ids are pixel sizes and crop offsets: (orig_h, orig_w, top, left, target_h, target_w)
+    time_ids = torch.tensor([[16.0, 16, 0, 0, 16, 16], [24.0, 20, 2, 4, 16, 16]])
+    if not per_image_time_ids:
+        time_ids = time_ids[1]
+    timesteps = torch.randint(0, 1000, (T,), generator=g)
+    noise = torch.randn(B, T, C, S, S, generator=g)
+    return x0, cond, dict(text_embeds=text_embeds, time_ids=time_ids), timesteps, noise
+
+
+def test_shares_on_sdxl_keep_only_the_exact_ones(xl_unet):
+    with torch.no_grad():
+        assert usable_shares(xl_unet, SHARES) == {"kv", "temb"}  # prefix: emb depends on the concept
+
+
+@pytest.mark.parametrize("share", [None, (), ("kv", "temb")], ids=["default", "plain", "kv+temb"])
+@pytest.mark.parametrize("max_batch", [None, 5, 1])
+def test_sdxl_scores_match_naive_loop(xl_unet, scheduler, share, max_batch):
+    x0, cond, added, timesteps, noise = _problem()
+    with torch.no_grad():
+        fused = dcfast.dc_scores(xl_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=max_batch,
+                                 share=share, added_cond_kwargs=added)
+        naive = dc_scores_naive(xl_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, added_cond_kwargs=added)
+    assert fused.shape == (B, K, T)
+    assert (fused - naive).abs().max() <= 1e-5 * naive.abs().max()
+
+
+def test_sdxl_scores_depend_on_time_ids_and_pooled_embedding(xl_unet, scheduler):
+    """The added conditions reach the prediction (a pass that dropped them would still match itself)."""
+    x0, cond, added, timesteps, noise = _problem(per_image_time_ids=False)
+    with torch.no_grad():
+        base = dcfast.dc_scores(xl_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, added_cond_kwargs=added)
+        other_ids = dcfast.dc_scores(xl_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
+                                     added_cond_kwargs=dict(added, time_ids=added["time_ids"] * 2))
+        other_pooled = dcfast.dc_scores(xl_unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
+                                        added_cond_kwargs=dict(added, text_embeds=added["text_embeds"].flip(0)))
+    assert (base - other_ids).abs().max() > 1e-3 * base.abs().max()
+    assert (base - other_pooled).abs().max() > 1e-3 * base.abs().max()
+
+
+def _grads(unet, *tensors):
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return torch.cat([p.grad.flatten() for p in params] + [t.grad.flatten() for t in tensors])
+
+
+def _zero(unet):
+    for p in unet.parameters():
+        p.grad = None
+
+
+def test_sdxl_gradients_match_naive_loop(xl_unet, scheduler):
+    """Gradients of a DC loss to the LoRA, the conditions and the pooled embeddings: engine (grad mode and the
+    memory-bounded two-pass gradient) against the naive loop."""
+    x0, cond, added, timesteps, noise = _problem(seed=2)
+    unet = copy.deepcopy(xl_unet)
+    target = torch.tensor([0, 2])
+
+    def loss_fn(err):
+        return torch.nn.functional.cross_entropy(dcfast.dc_logits(err, temperature=0.01), target)
+
+    results = []
+    for run in ("naive", "engine", "memory-bounded"):
+        _zero(unet)
+        cond_in = cond.clone().requires_grad_(True)
+        pooled = added["text_embeds"].clone().requires_grad_(True)
+        kwargs = dict(timesteps=timesteps, noise=noise, added_cond_kwargs=dict(added, text_embeds=pooled * 1.0))
+        if run == "naive":
+            loss_fn(dc_scores_naive(unet, scheduler, x0, cond_in * 1.0, **kwargs)).backward()
+        elif run == "engine":
+            loss_fn(dcfast.dc_scores(unet, scheduler, x0, cond_in * 1.0, max_batch=4, **kwargs)).backward()
+        else:
+            dcfast.dc_loss_backward(unet, scheduler, x0, cond_in * 1.0, loss_fn, max_batch=4, **kwargs)
+        results.append(_grads(unet, cond_in, pooled))
+    naive, engine, bounded = results
+    scale = naive.abs().max()
+    assert scale > 0
+    assert (engine - naive).abs().max() <= 1e-4 * scale
+    assert (bounded - naive).abs().max() <= 1e-4 * scale
+
+
+def test_sdxl_predictions_are_the_rows_of_the_pass(xl_unet, scheduler):
+    x0, cond, added, timesteps, noise = _problem(seed=4)
+    with torch.no_grad():
+        _, pred = dc_scores_with_predictions(xl_unet, scheduler, x0, cond, (2,), timesteps=timesteps,
+                                             noise=noise, added_cond_kwargs=added, max_batch=3)
+        alphas = scheduler.alphas_cumprod[timesteps].view(1, T, 1, 1, 1)
+        x_t = alphas.sqrt() * x0.unsqueeze(1) + (1 - alphas).sqrt() * noise
+        direct = xl_unet(x_t.flatten(0, 1), timesteps.repeat(B), encoder_hidden_states=cond[2:3].expand(B * T, -1, -1),
+                         added_cond_kwargs={"text_embeds": added["text_embeds"][2:3].expand(B * T, -1),
+                                            "time_ids": added["time_ids"].repeat_interleave(T, 0)}).sample
+    assert pred.shape == (B, 1, T, C, S, S)
+    assert (pred[:, 0].flatten(0, 1) - direct).abs().max() <= 1e-5 * direct.abs().max()
+
+
+@pytest.mark.parametrize("case", ["missing", "extra-key", "wrong-k", "wrong-b", "wrong-width", "sd-unet"])
+def test_sdxl_bad_added_conditions_name_the_problem(xl_unet, scheduler, unet, case):
+    x0, cond, added, timesteps, noise = _problem()
+    model, kwargs, pattern = xl_unet, dict(added_cond_kwargs=added), None
+    if case == "missing":
+        kwargs, pattern = {}, "needs added_cond_kwargs"
+    elif case == "extra-key":
+        kwargs, pattern = dict(added_cond_kwargs=dict(added, image_embeds=added["text_embeds"])), "exactly"
+    elif case == "wrong-k":
+        kwargs, pattern = dict(added_cond_kwargs=dict(added, text_embeds=added["text_embeds"][:2])), "K=3"
+    elif case == "wrong-b":
+        kwargs, pattern = dict(added_cond_kwargs=dict(added, time_ids=torch.zeros(3, 6))), "B=2"
+    elif case == "wrong-width":
+        kwargs, pattern = dict(added_cond_kwargs=dict(added, time_ids=torch.zeros(2, 5))), "projection_class"
+    else:
+        model, cond, x0, noise = unet, cond[..., :32], torch.randn(B, C, 16, 16), torch.randn(B, T, C, 16, 16)
+        pattern = "no added conditions"
+    with pytest.raises(ValueError, match=pattern):
+        dcfast.dc_scores(model, scheduler, x0, cond, timesteps=timesteps, noise=noise, **kwargs)
