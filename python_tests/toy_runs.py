@@ -150,7 +150,7 @@ def load_toy_pipeline(run_dir: str, task_index: int, device: str = "cpu"):
         from dcfast.eval.sampling import pipeline_conditions
         pipe_stub = types.SimpleNamespace(tokenizer=tok, text_encoder=encoder, unet=unet)
         seen = tasks[:task_index]
-        cond = pipeline_conditions(pipe_stub, [t.prompt for t in seen] + ["a photo of a dog", ""])
+        cond = pipeline_conditions(pipe_stub, [t.prompt for t in seen] + ["a photo of a dog", ""]).hidden
         # state j knows concept i's colour drifted toward grey by forget * (j - i)
         drift = torch.tensor([min(1.0, spec["forget"] * (task_index - t.index)) for t in seen])[:, None]
         colours = (1 - drift) * torch.tensor([spec["colours"][t.index - 1] for t in seen]) + drift * torch.tensor(GREY)

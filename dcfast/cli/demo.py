@@ -1,6 +1,7 @@
 """`dcfast demo`: the built-in demo, continual personalization of the shipped tiny model on the tiny world.
 
     dcfast demo [--method M | --all] [--sequence NAME | --photos] [--tasks N] [--output_dir DIR] [--max_train_steps S]
+                [--arch sd | sdxl]
 
 Wired into `dcfast/cli/main.py` with `add_parser(subparsers)`; `run(args)` does the work.
 """
@@ -41,8 +42,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=int, default=defaults.num_images,
                         help=f"generated images per (concept, task state) for MMD (default: {defaults.num_images})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of concepts, training and evaluation")
-    parser.add_argument("--base_model", default=defaults.base_model,
+    parser.add_argument("--base_model", default=None,
                         help="diffusers model directory (default: the tiny model shipped in the package)")
+    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl"],
+                        help="sd: the shipped tiny SD-layout base (default); sdxl: a tiny SDXL-layout model with random "
+                             "weights built in code, to show SDXL end to end (its fidelity means nothing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
     return parser
@@ -53,8 +57,15 @@ def run(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from dcfast.experiments.runner import run_demo
+    from dcfast.experiments.runner import RANDOM_SDXL_NOTE, run_demo, tiny_sdxl_base
     from dcfast.training.methods import METHODS
+
+    if args.arch == "sdxl" and args.base_model is not None:
+        raise ValueError("--arch sdxl builds its own tiny SDXL base model; drop --base_model (an SDXL directory given "
+                         "as --base_model is read as SDXL from its model_index.json)")
+    base_model = str(tiny_sdxl_base(args.output_dir, args.seed)) if args.arch == "sdxl" else args.base_model
+    if args.arch == "sdxl":
+        print(f"demo --arch sdxl: {RANDOM_SDXL_NOTE}")
 
     for library in (diffusers_logging, transformers_logging):  # the demo's own progress, not loaders' chatter
         library.set_verbosity_error()
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(output_dir=args.output_dir, methods=methods, sequence=args.sequence, photos=args.photos,
                         num_tasks=args.tasks,
                         max_train_steps=args.max_train_steps, num_images=args.num_images, seed=args.seed,
-                        base_model=args.base_model, progress=not args.quiet)
+                        base_model=base_model or DemoConfig().base_model, progress=not args.quiet)
     result = run_demo(config)
     print()
     for r in result["runs"]:

@@ -12,6 +12,7 @@ from dcfast.cli import demo as cli_demo
 from dcfast.cli import eval as cli_eval
 from dcfast.cli import export as cli_export
 from dcfast.cli import train as cli_train
+from dcfast.training.config import ADAPTERS
 
 # target -> (module with run(quick=, device=, ...), the summary keys of its closing line)
 BENCHMARKS = {
@@ -37,6 +38,9 @@ def _add_bench(subparsers) -> None:
                             "(default: methods 2 on a machine with 2+ cores, else 1; world 3, a seed's three runs)")
     bench.add_argument("--method", action="append", default=None, metavar="NAME",
                        help="methods: a method to run, repeatable (default: all six)")
+    bench.add_argument("--adapter", default=None, choices=ADAPTERS,
+                       help="methods: the U-Net adapter every method's runs train, lora or vera (VeRA: frozen shared "
+                            "random matrices, trained vectors; default: the regime's, lora)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods and world: a world test sequence to run, repeatable (methods' default: "
                             "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
@@ -53,7 +57,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         default_workers = 3 if args.target == "world" else min(2, os.cpu_count() or 1)
         extra.update(workers=args.workers or default_workers, sequences=args.sequence)
     if args.target == "methods":
-        extra["methods"] = args.method
+        extra.update(methods=args.method, adapter=args.adapter)
+    elif args.adapter is not None:
+        raise ValueError(f"--adapter: only `dcfast bench methods` reads it, not {args.target!r}")
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.io.atomic import write_json_atomic

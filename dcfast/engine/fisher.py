@@ -1,4 +1,5 @@
-"""The Fisher accumulator: per-sample diagonal Fisher of nn.Linear (and nn.Conv2d) parameters in one backward pass.
+"""The Fisher accumulator: per-sample diagonal Fisher of nn.Linear (and nn.Conv2d) parameters, and of peft VeRA's
+vectors, in one backward pass.
 
 EWC and EWC-DC (docs/design.md) need `F = sum_n g_n**2` with `g_n = d loss_n / d theta` per sample, never the
 square of a batch gradient. For an nn.Linear, sample n's weight gradient is G_n^T X_n (its output
@@ -7,8 +8,12 @@ gradients times its input rows), so one batched backward pass with module hooks 
 writing them to memory (docs/design.md: the per-sample Fisher kernel). peft's LoRA factors `lora_A` / `lora_B` are plain nn.Linear,
 or nn.Conv2d for a LoRA on a convolution: a convolution is the same product over its unfolded input patches (one
 row per output position, `torch.nn.functional.unfold`), its weight (O, C, kh, kw) seen as (O, C kh kw).
+A peft VeRA layer adds lambda_b * (B_s (lambda_d * (A_s x))) to its base output (A_s, B_s: the shared frozen
+matrices sliced to the layer's shape): with u = A_s x and G the output gradient, a row's gradient is G * (B_s
+(lambda_d * u)) for lambda_b and u * (B_s^T (lambda_b * G)) for lambda_d, and sample n's is the sum over its rows,
+squared like a bias's (docs/design.md: the per-sample Fisher of VeRA).
 
-    acc = FisherAccumulator(unet)                  # every trainable LoRA nn.Linear of the model
+    acc = FisherAccumulator(unet)                  # every trainable LoRA nn.Linear (or VeRA vector) of the model
     with acc.track(num_samples=N):                 # the next forward/backward holds N samples
         per_sample_losses(unet, batch).sum().backward()
     acc.fisher                                     # {name in unet.named_parameters(): sum_n g_n**2}
@@ -22,7 +27,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,12 +39,16 @@ ParamSpec = Union[str, nn.Parameter]
 
 @dataclass
 class _Layer:
-    """One tracked nn.Linear or nn.Conv2d and the names of its tracked parameters (None: not tracked)."""
+    """One tracked layer and the names of its tracked parameters (None: not tracked): an nn.Linear's or nn.Conv2d's
+    weight and bias, or a peft VeRA layer's vectors lambda_b and lambda_d of adapter `vera`."""
 
     name: str
     module: nn.Module
-    weight: Optional[str]
-    bias: Optional[str]
+    weight: Optional[str] = None
+    bias: Optional[str] = None
+    lambda_b: Optional[str] = None
+    lambda_d: Optional[str] = None
+    vera: Optional[str] = None  # the VeRA adapter name (a key of the layer's vera_lambda_b / vera_lambda_d)
 
 
 @dataclass
@@ -55,10 +64,11 @@ class _Call:
 
 @dataclass
 class _Partial:
-    """Pieces of one sample's gradient from calls that split its rows, summed until the sample is whole."""
+    """Pieces of one sample's gradient from calls that split its rows, summed until the sample is whole: the
+    weight's, and those of the parameters whose gradient is a sum of row terms (`sums`, by name)."""
 
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor] = None
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
     rows: int = 0
     scale2: float = 1.0  # 1/loss_scale**2, applied to the squares
 
@@ -84,13 +94,15 @@ class _Track:
 
 
 class FisherAccumulator:
-    """Diagonal empirical Fisher `sum_n (d loss_n / d theta)**2` of nn.Linear / nn.Conv2d parameters, per sample.
+    """Diagonal empirical Fisher `sum_n (d loss_n / d theta)**2` of nn.Linear / nn.Conv2d parameters and peft VeRA
+    vectors, per sample.
 
     Args:
-        module: the model (e.g. a diffusers U-Net with a peft LoRA adapter).
+        module: the model (e.g. a diffusers U-Net with a peft LoRA or VeRA adapter).
         params: what to track: parameter names (as in `module.named_parameters()`) or the parameters
-            themselves, each the weight or bias of an nn.Linear or a plain nn.Conv2d. Default: every trainable
-            layer under a peft `lora_A` / `lora_B` (the LoRA factors); a model without one is an error.
+            themselves, each the weight or bias of an nn.Linear or a plain nn.Conv2d, or a peft VeRA layer's
+            `vera_lambda_b` / `vera_lambda_d`. Default: every trainable layer under a peft `lora_A` / `lora_B` (the
+            LoRA factors) and every trainable VeRA vector; a model with neither is an error.
 
     `fisher[name]` is a float32 tensor shaped like the parameter, on its device.
 
@@ -126,7 +138,8 @@ class FisherAccumulator:
         self.module = module
         self._layers = _find_layers(module, params)
         named = dict(module.named_parameters())
-        names = [n for layer in self._layers for n in (layer.weight, layer.bias) if n is not None]
+        names = [n for layer in self._layers for n in (layer.weight, layer.bias, layer.lambda_b, layer.lambda_d)
+                 if n is not None]
         self._params: Dict[str, nn.Parameter] = {n: named[n] for n in names}
         self.fisher: Dict[str, torch.Tensor] = {
             n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self._params.items()
@@ -193,6 +206,8 @@ class FisherAccumulator:
         if torch._C._current_graph_task_id() != -1:
             raise RuntimeError(f"FisherAccumulator: layer {layer.name!r} ran during a backward pass (activation "
                                "checkpointing?); disable gradient checkpointing while tracking the Fisher")
+        if layer.vera is not None and not _vera_active(module, layer.vera):
+            return  # the adapter took no part in this forward (disabled, merged, inactive): no gradient reaches it
         layer_state = state.layers[id(layer)]
         if layer_state.rows_per_sample is not None and state.evals_per_sample is None:
             raise RuntimeError(
@@ -200,7 +215,7 @@ class FisherAccumulator:
                 "when forward and backward passes interleave, pass track(..., evals_per_sample=...) so the "
                 "rows of each sample are known in advance (or use one track per chunk of whole samples)"
             )
-        x = args[0] if args else kwargs["input"]
+        x = args[0] if args else kwargs["input" if "input" in kwargs else "x"]  # nn.Linear's name, peft's
         if isinstance(module, nn.Conv2d):  # (B, C, H, W) -> (B, positions, C kh kw): a linear map per position
             x = torch.nn.functional.unfold(x.detach(), module.kernel_size, module.dilation, module.padding,
                                            module.stride).transpose(1, 2)
@@ -255,6 +270,7 @@ class FisherAccumulator:
             common = torch.promote_types(g.dtype, x.dtype)
             g, x = g.to(common), x.to(common)
         state.received += 1
+        terms = _row_terms(layer, g, x)
         # Rows [0, head) finish a sample begun in an earlier call, [head, tail) are whole samples,
         # [tail, rows) begin a sample that a later call finishes.
         offset, rows = call.offset, call.rows
@@ -262,31 +278,34 @@ class FisherAccumulator:
         tail = head + (rows - head) // per_sample * per_sample
         scale2 = state.grad_scale ** 2
         if head:
-            self._add_piece(layer, layer_state, offset // per_sample, g[:head], x[:head], per_sample, scale2)
+            self._add_piece(layer, layer_state, offset // per_sample, g, x, terms, slice(0, head), per_sample, scale2)
         if tail > head:
-            whole_g = g[head:tail].view(-1, per_sample, g.shape[-1])
             if layer.weight is not None:
+                whole_g = g[head:tail].view(-1, per_sample, g.shape[-1])
                 whole_x = x[head:tail].view(-1, per_sample, x.shape[-1])
                 target = self.fisher[layer.weight].view(whole_g.shape[-1], whole_x.shape[-1])
                 if scale2 == 1.0:
                     fisher_accumulate_(target, whole_g, whole_x)
                 else:
                     target.add_(fisher_accumulate_(torch.zeros_like(target), whole_g, whole_x), alpha=scale2)
-            if layer.bias is not None:
-                self.fisher[layer.bias].add_(_wide(whole_g).sum(1).square().sum(0), alpha=scale2)
+            for name, term in terms.items():  # sample n's gradient: the sum of its rows' terms
+                whole = term[head:tail].view(-1, per_sample, term.shape[-1])
+                self.fisher[name].add_(whole.sum(1).square().sum(0), alpha=scale2)
         if tail < rows:
-            self._add_piece(layer, layer_state, (offset + tail) // per_sample, g[tail:], x[tail:], per_sample, scale2)
+            self._add_piece(layer, layer_state, (offset + tail) // per_sample, g, x, terms, slice(tail, rows),
+                            per_sample, scale2)
 
     def _add_piece(self, layer: _Layer, layer_state: _LayerTrack, sample: int, g: torch.Tensor, x: torch.Tensor,
-                   per_sample: int, scale2: float) -> None:
-        piece = layer_state.partial.setdefault(sample, _Partial(None, None, scale2=scale2))
+                   terms: Dict[str, torch.Tensor], part: slice, per_sample: int, scale2: float) -> None:
+        """Add rows `part` of one call, a piece of `sample`, to that sample's partial gradient; square it once whole."""
+        piece = layer_state.partial.setdefault(sample, _Partial(scale2=scale2))
         if layer.weight is not None:
-            w = _wide(g).t() @ _wide(x)
+            w = _wide(g[part]).t() @ _wide(x[part])
             piece.weight = w if piece.weight is None else piece.weight.add_(w)
-        if layer.bias is not None:
-            b = _wide(g).sum(0)
-            piece.bias = b if piece.bias is None else piece.bias.add_(b)
-        piece.rows += g.shape[0]
+        for name, term in terms.items():
+            total = term[part].sum(0)
+            piece.sums[name] = piece.sums[name].add_(total) if name in piece.sums else total
+        piece.rows += part.stop - part.start
         if piece.rows == per_sample:
             self._fold_partial(layer, layer_state.partial.pop(sample))
 
@@ -294,8 +313,8 @@ class FisherAccumulator:
         if piece.weight is not None:
             target = self.fisher[layer.weight]
             target.add_(piece.weight.square().view_as(target), alpha=piece.scale2)
-        if piece.bias is not None:
-            self.fisher[layer.bias].add_(piece.bias.square(), alpha=piece.scale2)
+        for name, total in piece.sums.items():
+            self.fisher[name].add_(total.square(), alpha=piece.scale2)
 
     # -- online EWC ----------------------------------------------------------------------------------
 
@@ -408,51 +427,93 @@ def _trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _is_lora(name: str) -> bool:
-    """A module or parameter name under a peft LoRA factor (`lora_A` / `lora_B`)."""
+def vera_projections(layer: nn.Module, adapter: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A peft VeRA layer's shared frozen matrices as its forward uses them: A_s = A[:, :in] (r, in) and
+    B_s = B[:out, :] (out, r), sliced from the pair sized for the largest target layer."""
+    return layer.vera_A[adapter][:, :layer.in_features], layer.vera_B[adapter][:layer.out_features, :]
+
+
+def _is_vera_layer(module: nn.Module) -> bool:
+    """A peft VeRA layer: trained vectors vera_lambda_b / vera_lambda_d per adapter and the shared vera_A / vera_B."""
+    return isinstance(getattr(module, "vera_lambda_b", None), nn.ParameterDict) and \
+        getattr(module, "vera_A", None) is not None
+
+
+def _vera_active(module: nn.Module, adapter: str) -> bool:
+    """Whether a VeRA layer's forward adds `adapter`'s term (not disabled, not merged, among its active adapters)."""
+    return not module.disable_adapters and not module.merged and adapter in module.active_adapters
+
+
+def _row_terms(layer: _Layer, g: torch.Tensor, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-row gradient terms (rows, size) of the tracked parameters whose per-sample gradient is the sum of its rows'
+    terms: an nn.Linear's bias (the output gradient G), a VeRA layer's lambda_b (G * B_s (lambda_d * u)) and lambda_d
+    (u * B_s^T (lambda_b * G)), u = A_s x; in float32 (float64 kept)."""
+    terms = {}
+    if layer.bias is not None:
+        terms[layer.bias] = _wide(g)
+    if layer.vera is not None:
+        module, adapter = layer.module, layer.vera
+        g, x = _wide(g), _wide(x)
+        a, b = (m.to(g) for m in vera_projections(module, adapter))
+        u = x @ a.t()
+        if layer.lambda_b is not None:
+            terms[layer.lambda_b] = g * ((u * module.vera_lambda_d[adapter].detach().to(g)) @ b.t())
+        if layer.lambda_d is not None:
+            terms[layer.lambda_d] = u * ((g * module.vera_lambda_b[adapter].detach().to(g)) @ b)
+    return terms
+
+
+def _is_adapter(name: str) -> bool:
+    """A module or parameter name under a peft LoRA factor (`lora_A` / `lora_B`) or a VeRA vector."""
     parts = name.split(".")
-    return "lora_A" in parts or "lora_B" in parts
+    return any(part in parts for part in ("lora_A", "lora_B", "vera_lambda_b", "vera_lambda_d"))
 
 
 def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> List[_Layer]:
-    """The nn.Linear / nn.Conv2d layers to hook and which of their parameters to track, in module order."""
+    """The nn.Linear / nn.Conv2d / VeRA layers to hook and which of their parameters to track, in module order."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     named = dict(module.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
-    owners: Dict[str, tuple] = {}  # parameter name -> (layer name, layer, 'weight' | 'bias')
+    # parameter name -> (layer name, layer, its _Layer field, VeRA adapter or None)
+    owners: Dict[str, Tuple[str, nn.Module, str, Optional[str]]] = {}
     for layer_name, sub in module.named_modules():
-        if not _trackable(sub):
+        if _trackable(sub):
+            found = [(attr, getattr(sub, attr), None) for attr in ("weight", "bias")]
+        elif _is_vera_layer(sub):
+            found = [(field_name, vectors[adapter], adapter)
+                     for field_name, vectors in (("lambda_b", sub.vera_lambda_b), ("lambda_d", sub.vera_lambda_d))
+                     for adapter in vectors]
+        else:
             continue
-        for attr in ("weight", "bias"):
-            p = getattr(sub, attr)
+        for attr, p, adapter in found:
             if p is None or id(p) not in name_of:
                 continue
             pname = name_of[id(p)]
             if pname in owners:
                 raise ValueError(f"parameter {pname!r} is shared by layers {owners[pname][0]!r} and "
                                  f"{layer_name!r}; tied weights are not supported")
-            owners[pname] = (layer_name, sub, attr)
+            owners[pname] = (layer_name, sub, attr, adapter)
 
     if params is None:
-        lora = [(n, o) for n, o in owners.items() if _is_lora(o[0])]
-        if not lora:
+        adapters = [n for n, o in owners.items() if _is_adapter(o[0]) or o[3] is not None]
+        if not adapters:
             raise ValueError(
                 f"FisherAccumulator: {type(module).__name__} has no peft LoRA layers (nn.Linear under lora_A / "
-                "lora_B); add an adapter first (e.g. unet.add_adapter(LoraConfig(r=4, target_modules=[...]))) "
-                "or pass params= with the nn.Linear parameters to track"
+                "lora_B) nor VeRA layers; add an adapter first (e.g. unet.add_adapter(LoraConfig(r=4, "
+                "target_modules=[...]))) or pass params= with the nn.Linear parameters to track"
             )
-        chosen = [n for n, _ in lora if named[n].requires_grad]
+        chosen = [n for n in adapters if named[n].requires_grad]
         uncovered = sorted({n.rsplit(".", 1)[0] for n, p in named.items()
-                            if p.requires_grad and n not in owners and _is_lora(n)})
+                            if p.requires_grad and n not in owners and _is_adapter(n)})
         if uncovered:  # a penalty over the tracked factors alone would leave these unprotected, silently
             raise ValueError(
                 f"FisherAccumulator: {len(uncovered)} trainable LoRA factor(s) are neither nn.Linear nor a plain "
                 f"nn.Conv2d (e.g. {uncovered[0]!r}: grouped, or padded other than with zeros); the per-sample "
                 "Fisher covers those two only. Target other layers, or pass params= to track a subset knowingly")
         if not chosen:
-            raise ValueError(f"FisherAccumulator: {type(module).__name__} has {len(lora)} LoRA nn.Linear parameters "
-                             "but none requires grad; unfreeze the adapter or pass params=")
+            raise ValueError(f"FisherAccumulator: {type(module).__name__} has {len(adapters)} LoRA nn.Linear (or VeRA) "
+                             "parameters but none requires grad; unfreeze the adapter or pass params=")
     else:
         if isinstance(params, (str, torch.Tensor)):
             raise TypeError("params must be an iterable of parameter names or parameters, not a single one")
@@ -471,13 +532,22 @@ def _find_layers(module: nn.Module, params: Optional[Iterable[ParamSpec]]) -> Li
         for n in chosen:
             if n not in owners:
                 raise ValueError(f"params: {n!r} (shape {tuple(named[n].shape)}) is not the weight or bias of an "
-                                 "nn.Linear or a plain nn.Conv2d, the layers the per-sample Fisher is defined for")
+                                 "nn.Linear or a plain nn.Conv2d, nor a peft VeRA vector, the parameters the "
+                                 "per-sample Fisher is defined for")
             if not named[n].requires_grad:
                 raise ValueError(f"params: {n!r} does not require grad, so no backward pass reaches it")
 
     layers: Dict[int, _Layer] = {}
     for n in dict.fromkeys(chosen):
-        layer_name, sub, attr = owners[n]
-        layer = layers.setdefault(id(sub), _Layer(layer_name, sub, None, None))
+        layer_name, sub, attr, adapter = owners[n]
+        layer = layers.setdefault(id(sub), _Layer(layer_name, sub))
+        if adapter is not None:
+            if layer.vera not in (None, adapter):
+                raise ValueError(f"params: VeRA layer {layer_name!r} has tracked vectors of adapters {layer.vera!r} "
+                                 f"and {adapter!r}; track one VeRA adapter per layer")
+            if not isinstance(sub.vera_dropout[adapter], nn.Identity):
+                raise ValueError(f"FisherAccumulator: VeRA layer {layer_name!r} applies dropout, whose random mask "
+                                 "the per-sample Fisher cannot recompute from the layer's input; use vera_dropout=0")
+            layer.vera = adapter
         setattr(layer, attr, n)
     return list(layers.values())

@@ -111,7 +111,7 @@ def _requested(share) -> FrozenSet[str]:
 def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timesteps=None, noise=None,
               num_timesteps: int = 8, generator: Optional[torch.Generator] = None, loss: str = "l2",
               max_batch: Optional[int] = None, huber_delta: float = 1.0, share=None,
-              added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
+              added_cond_kwargs: Optional[dict] = None, checkpoint: bool = False) -> torch.Tensor:
     """DC errors err (B, K, T) of every image under every concept, in one chunked batched U-Net pass.
 
     Args:
@@ -128,26 +128,31 @@ def dc_scores(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, timestep
             (`dcfast.engine.unet_pass`); None: DEFAULT_SHARES; (): the plain U-Net call on every row.
         added_cond_kwargs: an SDXL U-Net's added conditions, {"text_embeds": (K, P) each concept's pooled text
             embedding, "time_ids": (B, 6) each image's size and crop, or (6,) for all}; None for SD 1.x/2.x.
+        checkpoint: under grad, keep no chunk's U-Net activations: each chunk is recomputed in the backward
+            (torch.utils.checkpoint), so `loss(err).backward()` peaks at one chunk's activations (`max_batch`
+            rows; pin it) for one more forward. The same values and gradients.
 
-    Differentiable when grad is enabled (the graph spans all chunks; see `dc_loss_backward` for the
-    memory-bounded gradient).
+    Differentiable when grad is enabled (the graph spans all chunks; `checkpoint`, or `dc_loss_backward`, bounds
+    its memory).
     """
     _check_loss(loss)
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
                             num_timesteps=num_timesteps, generator=generator, added_cond_kwargs=added_cond_kwargs)
-    return _errors(unet, inputs, cond, loss, max_batch, huber_delta, share)
+    return _errors(unet, inputs, cond, loss, max_batch, huber_delta, share, checkpoint=checkpoint)
 
 
 def dc_scores_with_predictions(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, concepts: Sequence[int] = (0,),
                                *, timesteps=None, noise=None, num_timesteps: int = 8,
                                generator: Optional[torch.Generator] = None, loss: str = "l2",
                                max_batch: Optional[int] = None, huber_delta: float = 1.0,
-                               share=None, added_cond_kwargs: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               share=None, added_cond_kwargs: Optional[dict] = None,
+                               checkpoint: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`dc_scores` plus the pass's own U-Net outputs under `concepts` (indices into cond), no extra U-Net call.
 
     Returns (err (B, K, T), predictions (B, len(concepts), T, C, H, W) in the noise's dtype): predictions[b, i, j]
     is the model's output at (x_t[b, j], cond[concepts[i]], t[b, j]), what a separate call on those rows gives.
-    Differentiable like `dc_scores` (EWC-DC's denoising loss and DSC's noise distillation read them).
+    Differentiable like `dc_scores` (EWC-DC's denoising loss and DSC's noise distillation read them); `checkpoint`
+    as there.
     """
     _check_loss(loss)
     inputs = prepare_inputs(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise,
@@ -155,17 +160,30 @@ def dc_scores_with_predictions(unet, scheduler, x0: torch.Tensor, cond: torch.Te
     concepts = [int(k) for k in concepts]
     if any(not 0 <= k < cond.shape[0] for k in concepts):
         raise ValueError(f"concepts must index cond's {cond.shape[0]} conditions, got {concepts}")
-    err, kept = _errors(unet, inputs, cond, loss, max_batch, huber_delta, share, keep=concepts)
+    err, kept = _errors(unet, inputs, cond, loss, max_batch, huber_delta, share, keep=concepts, checkpoint=checkpoint)
     B, T = inputs.shape
     return err, kept.view(B, len(concepts), T, *x0.shape[1:])
 
 
+def _chunk_errors(unet, inputs: DCInputs, cond: torch.Tensor, chunk: Chunk, shares: FrozenSet[str], loss: str,
+                  huber_delta: float, concepts: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """(the chunk's errors (nb, nk, nt), then its predictions (nb, nt, C*H*W) under each of `concepts`)."""
+    pred = _chunk_predictions(unet, inputs, cond, chunk, shares)
+    err = dc_error(pred, _pair_target(inputs, chunk), loss, huber_delta)
+    return (err,) + tuple(pred[:, k - chunk.k0] for k in concepts)
+
+
 def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Optional[int],
-            huber_delta: float, share=None, keep: Sequence[int] = ()):
-    """err (B, K, T); with `keep`, (err, the predictions of those concepts (B, len(keep), T, C*H*W))."""
+            huber_delta: float, share=None, keep: Sequence[int] = (), checkpoint: bool = False):
+    """err (B, K, T); with `keep`, (err, the predictions of those concepts (B, len(keep), T, C*H*W)).
+
+    `checkpoint` (under grad): each chunk's U-Net activations are dropped after its forward and recomputed in the
+    backward (torch.utils.checkpoint), so the backward of the whole pass peaks at one chunk's activations.
+    """
     B, T = inputs.shape
     K = cond.shape[0]
     shares = usable_shares(unet, _requested(share))
+    bounded = checkpoint and torch.is_grad_enabled()
 
     def run(rows: int):
         # Each chunk's errors go straight from its predictions (read once by the fused kernel, the target
@@ -173,13 +191,15 @@ def _errors(unet, inputs: DCInputs, cond: torch.Tensor, loss: str, max_batch: Op
         err = torch.empty((B, K, T), device=inputs.x0.device, dtype=torch.float32)
         kept = None
         for chunk in plan_chunks(B, K, T, lambda: rows):
-            pred = _chunk_predictions(unet, inputs, cond, chunk, shares)
-            err[chunk.index] = dc_error(pred, _pair_target(inputs, chunk), loss, huber_delta)
-            for slot, k in enumerate(keep):
-                if chunk.k0 <= k < chunk.k1:
-                    if kept is None:
-                        kept = pred.new_empty((B, len(keep), T, pred.shape[-1]))
-                    kept[chunk.b0:chunk.b1, slot, chunk.j0:chunk.j1] = pred[:, k - chunk.k0]
+            slots = [(slot, k) for slot, k in enumerate(keep) if chunk.k0 <= k < chunk.k1]
+            args = (unet, inputs, cond, chunk, shares, loss, huber_delta, [k for _, k in slots])
+            out = (torch.utils.checkpoint.checkpoint(_chunk_errors, *args, use_reentrant=False) if bounded
+                   else _chunk_errors(*args))
+            err[chunk.index] = out[0]
+            for (slot, _), rows_k in zip(slots, out[1:]):
+                if kept is None:
+                    kept = rows_k.new_empty((B, len(keep), T, rows_k.shape[-1]))
+                kept[chunk.b0:chunk.b1, slot, chunk.j0:chunk.j1] = rows_k
         return (err, kept) if keep else err
 
     def tuned_rows() -> int:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from dcfast.engine.scores import dc_scores
+from dcfast.models.prompts import as_conditions
 from dcfast.engine.targets import default_timesteps
 
 # Diffusion Classifier uses ((50, 5), (500, 1)) for Stable Diffusion with ~10^3 classes. Here candidate
@@ -54,14 +55,20 @@ def check_stages(stages: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ..
     return stages
 
 
-def classify(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *,
+def classify(unet, scheduler, x0: torch.Tensor, cond, *,
              stages: Sequence[Tuple[int, int]] = DEFAULT_STAGES, generator: Optional[torch.Generator] = None,
-             loss: str = "l2", max_batch: Optional[int] = None) -> ClassifyResult:
+             loss: str = "l2", max_batch: Optional[int] = None,
+             time_ids: Optional[torch.Tensor] = None) -> ClassifyResult:
     """Classify images x0 (B, C, H, W) among candidate conditions cond (K, L, D) by adaptive elimination.
 
-    The pool has T = stages[-1][0] pairs; noise (B, T, C, H, W) is drawn from `generator`.
+    `cond` is a tensor of hidden states or a `Conditions` (SDXL: with pooled embeddings, and then `time_ids`, (6,)
+    for every image or (B, 6)). The pool has T = stages[-1][0] pairs; noise (B, T, C, H, W) is drawn from `generator`.
     """
     stages = check_stages(stages)
+    conds = as_conditions(cond)
+    cond = conds.hidden
+    if time_ids is not None and time_ids.dim() == 1:
+        time_ids = time_ids.expand(x0.shape[0], -1)
     if x0.dim() != 4 or cond.dim() != 3:
         raise ValueError(f"x0 must be (B, C, H, W) and cond (K, L, D), got {tuple(x0.shape)} and {tuple(cond.shape)}")
     start = time.perf_counter()
@@ -83,8 +90,10 @@ def classify(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *,
                 for b, cands in enumerate(survivors):
                     groups[cands].append(b)
                 for cands, images in groups.items():
-                    err = dc_scores(unet, scheduler, x0[images], cond[list(cands)], timesteps=timesteps[new],
-                                    noise=noise[images][:, new], loss=loss, max_batch=max_batch)
+                    chosen = conds[list(cands)]
+                    err = dc_scores(unet, scheduler, x0[images], chosen.hidden, timesteps=timesteps[new],
+                                    noise=noise[images][:, new], loss=loss, max_batch=max_batch,
+                                    **chosen.engine_kwargs(None if time_ids is None else time_ids[images]))
                     cache[torch.tensor(images)[:, None, None], torch.tensor(cands)[None, :, None],
                           torch.tensor(new)[None, None, :]] = err.double().cpu()
                     evals += len(images) * len(cands) * len(new)
@@ -99,9 +108,9 @@ def classify(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *,
                           seconds_per_image=(time.perf_counter() - start) / max(B, 1))
 
 
-def classify_exhaustive(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, *, num_timesteps: int = 32,
+def classify_exhaustive(unet, scheduler, x0: torch.Tensor, cond, *, num_timesteps: int = 32,
                         generator: Optional[torch.Generator] = None, loss: str = "l2",
-                        max_batch: Optional[int] = None) -> ClassifyResult:
+                        max_batch: Optional[int] = None, time_ids: Optional[torch.Tensor] = None) -> ClassifyResult:
     """Score every candidate on all `num_timesteps` pairs (the one-stage schedule)."""
     return classify(unet, scheduler, x0, cond, stages=((num_timesteps, 1),), generator=generator,
-                    loss=loss, max_batch=max_batch)
+                    loss=loss, max_batch=max_batch, time_ids=time_ids)

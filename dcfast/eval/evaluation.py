@@ -32,7 +32,8 @@ from dcfast.eval.classify import DEFAULT_STAGES, check_stages, classify
 from dcfast.io.images import find_images, open_image, to_tensor, to_uint8
 from dcfast.io.runs import Run, Task, load_pipeline
 from dcfast.eval.features import cosine_i2i, load_features
-from dcfast.eval.sampling import generate, pipeline_conditions, pipeline_prediction_type, resolution, to_model_space
+from dcfast.eval.sampling import (default_time_ids, generate, pipeline_conditions, pipeline_prediction_type,
+                                  resolution, to_model_space)
 
 
 @dataclass
@@ -208,7 +209,8 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
             # accuracy: same (t, eps) pool for concept i in every state, so columns differ only by the model
             x0 = to_model_space(pipe, real)
             result = classify(pipe.unet, pipe.scheduler, x0, cond, stages=config.stages, loss=config.loss,
-                              max_batch=config.max_batch, generator=torch.Generator().manual_seed(config.seed + i))
+                              max_batch=config.max_batch, generator=torch.Generator().manual_seed(config.seed + i),
+                              time_ids=default_time_ids(pipe))
             column.accuracy.append(float((result.predictions == i - 1).double().mean()))
             column.seconds_per_image.append(result.seconds_per_image)
             column.unet_evals_per_image.append(result.unet_evals / real.shape[0])

@@ -1,7 +1,10 @@
 """The model side of evaluation: prompts to conditions, images to model space, DDIM sampling.
 
 Works with any diffusers StableDiffusionPipeline-like object (`unet`, `scheduler`, `tokenizer`,
-`text_encoder`, optional `vae`); without a VAE the model works on pixels in [-1, 1].
+`text_encoder`, optional `vae`), and StableDiffusionXLPipeline-like ones (also `tokenizer_2`, `text_encoder_2`):
+SDXL samples as its pipeline does (both encoders, the pooled embedding, the size-and-crop time ids of an
+uncropped image at the model's resolution, zero conditions for the empty negative prompt). Without a VAE the
+model works on pixels in [-1, 1].
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from dcfast.engine.targets import prediction_type
-from dcfast.models.prompts import encode_prompts
+from dcfast.models.prompts import Conditions, encode_conditions, sdxl_time_ids
 
 
 def resolution(pipe) -> int:
@@ -20,12 +23,30 @@ def resolution(pipe) -> int:
 
 
 @torch.no_grad()
-def pipeline_conditions(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states (K, L, D) of the prompts in the U-Net's dtype, modifier tokens included (a
-    multi-vector textual-inversion token expanded as the pipeline does)."""
+def pipeline_conditions(pipe, prompts: Sequence[str]) -> Conditions:
+    """The prompts' conditions in the U-Net's dtype (hidden states (K, L, D); SDXL: and pooled (K, P)), modifier
+    tokens included (a multi-vector textual-inversion token expanded as the pipeline does)."""
     if hasattr(pipe, "maybe_convert_prompt"):
         prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
-    return encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, dtype=pipe.unet.dtype)
+    return encode_conditions(pipe.text_encoder, pipe.tokenizer, prompts, pipe.unet.dtype,
+                             getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
+
+
+def default_time_ids(pipe) -> Optional[torch.Tensor]:
+    """SDXL's time ids of an uncropped image at the model's resolution (what its pipeline uses by default), on the
+    U-Net's device and dtype; None for SD 1.x/2.x."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return None
+    size = (resolution(pipe), resolution(pipe))
+    return sdxl_time_ids(size, (0, 0), size).to(pipe.unet.device, pipe.unet.dtype)
+
+
+def _negative(pipe, conds: Conditions) -> Conditions:
+    """The empty prompt's conditions as the pipeline uses them: zeros for SDXL with force_zeros_for_empty_prompt."""
+    config = getattr(pipe, "config", {})
+    if conds.pooled is not None and (config.get("force_zeros_for_empty_prompt", True) if hasattr(config, "get") else True):
+        return Conditions(torch.zeros_like(conds.hidden), torch.zeros_like(conds.pooled))
+    return conds
 
 
 @torch.no_grad()
@@ -51,15 +72,20 @@ def generate(pipe, prompt: str, num_images: int, *, num_inference_steps: int = 2
     scheduler.set_timesteps(num_inference_steps)
     unet = pipe.unet
     size = unet.config.sample_size
-    cond = pipeline_conditions(pipe, [prompt, ""])
+    conds = pipeline_conditions(pipe, [prompt, ""])
     guided = guidance_scale != 1.0
-    text = torch.cat([cond[1:].expand(num_images, -1, -1), cond[:1].expand(num_images, -1, -1)]) if guided \
-        else cond[:1].expand(num_images, -1, -1)
+    positive, negative = conds[0], _negative(pipe, conds[1])
+    rows = 2 * num_images if guided else num_images
+    text = Conditions(torch.stack([negative.hidden, positive.hidden]).repeat_interleave(num_images, 0),
+                      None if positive.pooled is None else
+                      torch.stack([negative.pooled, positive.pooled]).repeat_interleave(num_images, 0)) if guided \
+        else positive
+    unet_kwargs = text.unet_kwargs(rows, default_time_ids(pipe))
     latents = torch.randn((num_images, unet.config.in_channels, size, size), generator=generator)
     latents = latents.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        pred = unet(inp, t, encoder_hidden_states=text, return_dict=False)[0]
+        pred = unet(inp, t, return_dict=False, **unet_kwargs)[0]
         if guided:
             uncond, cond_pred = pred.chunk(2)
             pred = uncond + guidance_scale * (cond_pred - uncond)

@@ -175,12 +175,13 @@ def run_jobs(jobs: List[tuple], workers: int) -> List[Dict[str, object]]:
 
 def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optional[Sequence[str]] = None,
         output_dir: str = "dcfast-bench-methods", config: Optional[DemoConfig] = None,
-        sequences: Optional[Sequence[str]] = None, workers: int = 1) -> Dict[str, object]:
+        sequences: Optional[Sequence[str]] = None, workers: int = 1, adapter: Optional[str] = None) -> Dict[str, object]:
     """Every method x `seeds` seeds on each test sequence; print and write the tables and plot.
 
     `quick`: seed 0, the novel same-class test sequence's first two concepts, QUICK_STEPS steps per task (unless
     `config` sets max_train_steps). `workers` > 1 runs that many
-    runs at once in separate processes with one torch thread each.
+    runs at once in separate processes with one torch thread each. `adapter` ("lora" or "vera"): the U-Net
+    adapter of every method's runs (TrainConfig.adapter; None: the regime's, LoRA).
     Returns {"rows": per (sequence, method, seed), "stats": {sequence: {method: {metric: mean/std/n}}},
     "paired": {sequence: comparison with lora}, "summary": flat "{sequence}/{method}/{metric}" means
     (plus "{method}" = fidelity forgetting on the first sequence), "table": markdown, "paths"}.
@@ -193,8 +194,14 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
         raise ValueError(f"seeds: must be >= 1, got {seeds}")
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
+    from dcfast.training.config import ADAPTERS
+
+    if adapter is not None and adapter not in ADAPTERS:
+        raise ValueError(f"adapter: {adapter!r} is not one of {', '.join(ADAPTERS)}")
     # the oracle's fidelity is the yardstick: DC accuracy is what EWC-DC and DSC optimise, so it is not measured
     base = replace(config or DemoConfig(), output_dir=output_dir, progress=False, fidelity_only=True)
+    if adapter is not None:
+        base = replace(base, train_overrides={**base.train_overrides, "adapter": adapter})
     if quick:
         seeds, sequences = 1, sequences or [QUICK_SEQUENCE]
         base = replace(base, num_tasks=QUICK_TASKS, max_train_steps=base.max_train_steps or QUICK_STEPS)
@@ -224,7 +231,8 @@ def run(seeds: int = 3, quick: bool = False, device: str = "cpu", methods: Optio
     comparison = {s: paired([r for r in rows if r["sequence"] == s]) if "lora" in methods else {} for s in sequences}
     command = (f"dcfast bench methods --seeds {seeds}" + (" --quick" if quick else "")
                + "".join(f" --sequence {s}" for s in sequences if list(sequences) != list(TEST_SEQUENCES))
-               + "".join(f" --method {m}" for m in methods if list(methods) != list(METHODS)))
+               + "".join(f" --method {m}" for m in methods if list(methods) != list(METHODS))
+               + (f" --adapter {adapter}" if adapter is not None else ""))
     settings = {"sequences": sequences, "num_tasks": base.num_tasks, "max_train_steps": base.max_train_steps,
                 "num_images": base.num_images, "fidelity_images": base.fidelity_images,
                 "num_inference_steps": base.num_inference_steps, "train_overrides": dict(base.train_overrides)}

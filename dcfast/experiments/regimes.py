@@ -10,6 +10,10 @@ from typing import Dict
 # time-embedding projections. A novel shape is a new silhouette, and the convolutions draw silhouettes.
 WORLD_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
                         "conv1", "conv2", "time_emb_proj"]
+# VeRA (peft) adapts nn.Linear layers only; the tiny base's proj_in / proj_out are 1x1 convolutions. A VeRA world run
+# takes the linear ones of WORLD_TARGET_MODULES (a LoRA on linear layers only drew 0.61 against 0.76 with every
+# layer, benchmarks/world_regime.md): not tuned on validation, the regime's other values as they are.
+WORLD_VERA_TARGET_MODULES = [m for m in WORLD_TARGET_MODULES if m not in ("proj_in", "proj_out", "conv1", "conv2")]
 # TrainConfig values for world runs (the rest keep their defaults). Chosen on the validation sequence
 # novel-same-class-val with scripts/world_regime.py (table: benchmarks/world_regime.md), so that sequential LoRA
 # learns each novel concept (a shape the base model never saw) at its own state, as a LoRA learns a face on Stable
@@ -58,6 +62,8 @@ def train_values(method: str, photos: bool, overrides: Dict[str, object], max_tr
     """
     regime = PHOTO_TRAIN if photos else {**WORLD_TRAIN, **WORLD_METHOD_TRAIN.get(method, {})}
     values = {**regime, **overrides}
+    if values.get("adapter") == "vera" and values.get("target_modules") == WORLD_TARGET_MODULES:
+        values["target_modules"] = WORLD_VERA_TARGET_MODULES
     if max_train_steps is not None:
         values["max_train_steps"] = max_train_steps
     values.setdefault("dsc_iterations", max(1, values["max_train_steps"] // 3))

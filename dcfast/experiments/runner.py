@@ -52,6 +52,27 @@ class DemoConfig:
     progress: bool = True
 
 
+RANDOM_SDXL_NOTE = ("a tiny SDXL-layout model with random weights, built in code (never pretrained): the run shows "
+                    "that SDXL trains, evaluates and reports end to end; its fidelity and accuracy mean nothing")
+
+
+def tiny_sdxl_base(output_dir: str, seed: int = 0) -> Path:
+    """`dcfast demo --arch sdxl`'s base model: `dcfast.models.tiny.tiny_xl` with the shipped base's tokenizer (the
+    world's words whole), written once under output_dir/base-sdxl, with a record that it saw no world factor."""
+    from transformers import CLIPTokenizer
+
+    from dcfast.io.atomic import write_json_atomic
+    from dcfast.models.tiny import tiny_xl
+    from dcfast.world.scenes import TRAINING_FACTORS_FILE
+
+    path = Path(output_dir) / "base-sdxl"
+    if not (path / "model_index.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(BASE_MODEL / "tokenizer", local_files_only=True)
+        tiny_xl(seed, tokenizer=tokenizer).save_pretrained(path)
+        write_json_atomic(path / TRAINING_FACTORS_FILE, {"shapes": [], "note": RANDOM_SDXL_NOTE})
+    return path
+
+
 def check_base_model(path: str) -> Path:
     """The base model directory, or a ValueError saying how to produce it."""
     path = Path(path)

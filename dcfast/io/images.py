@@ -9,7 +9,7 @@ Diffusion's VAE expects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -68,8 +68,24 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution`, center-crop, scale to [-1, 1]; (3, R, R) float32."""
     image = resized(image, resolution)
     h, w = image.shape[1:]
-    top, left = (h - resolution) // 2, (w - resolution) // 2
+    top, left = center_offsets(h, w, resolution)
     return image[:, top:top + resolution, left:left + resolution].contiguous()
+
+
+def center_offsets(height: int, width: int, resolution: int) -> Tuple[int, int]:
+    """(top, left) of the centered R x R crop of a (height, width) image."""
+    return (height - resolution) // 2, (width - resolution) // 2
+
+
+def crop_geometry(folder: Union[str, Path], resolution: int, field: str = "images") -> List[Tuple[int, ...]]:
+    """Per image of a concept folder (sorted file order): (original height, original width, resized height,
+    resized width), what SDXL's size-and-crop time ids are made of."""
+    geometry = []
+    for path in find_images(folder, field):
+        w, h = open_image(path, field).size
+        scale = resolution / min(w, h)
+        geometry.append((h, w, max(resolution, round(h * scale)), max(resolution, round(w * scale))))
+    return geometry
 
 
 def load_resized(folder: Union[str, Path], resolution: int, field: str = "images") -> List[torch.Tensor]:
@@ -78,23 +94,29 @@ def load_resized(folder: Union[str, Path], resolution: int, field: str = "images
 
 
 def augment(images: List[torch.Tensor], resolution: int, generator: torch.Generator, *, center_crop: bool = True,
-            random_flip: bool = False) -> torch.Tensor:
+            random_flip: bool = False, offsets: Optional[List[Tuple[int, int]]] = None) -> torch.Tensor:
     """(N, 3, R, R): each image cropped to R x R (centered, or at a random offset) and, with `random_flip`,
-    mirrored left-right with probability 1/2. Draws from `generator` only what the options need."""
+    mirrored left-right with probability 1/2. Draws from `generator` only what the options need.
+
+    `offsets`, when given, receives each crop's (top, left) in the returned image's orientation (SDXL's crop ids).
+    """
     import torch
 
     out = []
     for image in images:
         h, w = image.shape[1:]
         if center_crop:
-            top, left = (h - resolution) // 2, (w - resolution) // 2
+            top, left = center_offsets(h, w, resolution)
         else:
             top = int(torch.randint(h - resolution + 1, (1,), generator=generator))
             left = int(torch.randint(w - resolution + 1, (1,), generator=generator))
         crop = image[:, top:top + resolution, left:left + resolution]
         if random_flip and bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(-1)
+            left = w - resolution - left  # where the crop lies in the mirrored image
         out.append(crop)
+        if offsets is not None:
+            offsets.append((top, left))
     return torch.stack(out)
 
 

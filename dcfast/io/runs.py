@@ -4,7 +4,10 @@
       run.json                          resolved config, the task list (tokens, prompts), base-model fingerprint
       task_{i}/                         i = 1..n, written when task i is consolidated
         pytorch_lora_weights.safetensors    diffusers format: pipe.load_lora_weights(task_dir)
+        adapter_model.safetensors           instead, a VeRA state (adapter: vera) in peft's layout, with
+        adapter_config.json                 its config: PeftModel.from_pretrained(unet, task_dir)
         learned_embeds.safetensors          {"<v_i>": (D,)}: pipe.load_textual_inversion(task_dir, token=...)
+        learned_embeds_2.safetensors        SDXL only: {"<v_i>": (D2,)}, the token in the second text encoder
         fisher.safetensors                  the method's Fisher state (empty for methods without one)
         trainer_state.safetensors           everything a resume needs at this task boundary
         config.json                         the resolved config
@@ -34,7 +37,12 @@ from dcfast.io.atomic import write_json_atomic as write_json  # noqa: F401
 PathLike = Union[str, Path]
 RUN_FILE = "run.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# A VeRA task state: peft's file names (PeftModel.from_pretrained reads them from a folder); diffusers has no VeRA loader
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
+EMBEDS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder
+EMBEDS_FILES = (EMBEDS_FILE, EMBEDS_FILE_2)  # by text encoder
 FISHER_FILE = "fisher.safetensors"
 STATE_FILE = "trainer_state.safetensors"
 CONFIG_FILE = "config.json"
@@ -103,14 +111,23 @@ class Task:
                    eval_images=Path(values["eval_images"]) if values.get("eval_images") else None)
 
 
+def adapter_files(folder: PathLike) -> List[str]:
+    """The files of the U-Net adapter of the task state in `folder`, weights first: VeRA's peft pair where its
+    PEFT_CONFIG_FILE is, else the diffusers LoRA file."""
+    if (Path(folder) / PEFT_CONFIG_FILE).is_file():
+        return [PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE]
+    return [LORA_FILE]
+
+
 @dataclass(frozen=True)
 class TaskState:
     """What the model after task i needs beside its base: task i's LoRA, and the token embeddings of tasks 1..i."""
 
     index: int
-    lora_dir: Path  # holds LORA_FILE, for diffusers' load_lora_weights
-    lora: Dict[str, "torch.Tensor"]
+    lora_dir: Path  # holds LORA_FILE (diffusers' load_lora_weights), or VeRA's peft pair (PeftModel.from_pretrained)
+    lora: Dict[str, "torch.Tensor"]  # the adapter file's tensors
     embeddings: Dict[str, "torch.Tensor"]  # token -> (D,), tasks 1..i in order
+    adapter: str = "lora"  # "vera": the state is a VeRA adapter in peft's layout
 
 
 class Run:
@@ -204,28 +221,30 @@ class Run:
         if not (folder / METRICS_FILE).is_file():
             raise FileNotFoundError(f"task {index} of run {str(self.path)!r} is not finished: missing "
                                     f"{str(folder / METRICS_FILE)!r}")
-        return TaskState(index=index, lora_dir=folder, lora=load_tensors(folder / LORA_FILE),
-                         embeddings=self.embeddings(index))
+        files = adapter_files(folder)
+        return TaskState(index=index, lora_dir=folder, lora=load_tensors(folder / files[0]),
+                         embeddings=self.embeddings(index), adapter="vera" if len(files) > 1 else "lora")
 
-    def embeddings(self, index: int) -> Dict[str, "torch.Tensor"]:
-        """The modifier-token embeddings of tasks 1..index, token -> (D,), in task order.
+    def embeddings(self, index: int, encoder: int = 0) -> Dict[str, "torch.Tensor"]:
+        """The modifier-token embeddings of tasks 1..index in text encoder `encoder` (0; SDXL also 1),
+        token -> (D,), in task order.
 
         Refuses a state with any of them missing or damaged, naming the files: without <v_i>'s embedding the
         tokenizer would split "<v_i>" into "<", "v", "i", ">" and the prompt would silently mean something else.
         """
-        seen = self.tasks()[:index]
-        missing = [t for t in seen if not (self.task_dir(t.index) / EMBEDS_FILE).is_file()]
+        seen, name = self.tasks()[:index], EMBEDS_FILES[encoder]
+        missing = [t for t in seen if not (self.task_dir(t.index) / name).is_file()]
         if missing:
-            names = ", ".join(f"{str(self.task_dir(t.index) / EMBEDS_FILE)!r} ({t.token})" for t in missing)
+            names = ", ".join(f"{str(self.task_dir(t.index) / name)!r} ({t.token})" for t in missing)
             raise FileNotFoundError(f"task state {index} of run {str(self.path)!r} needs the modifier-token embeddings "
                                     f"of tasks 1..{index}, and {len(missing)} are missing: {names}; without them "
                                     f"each such token would be split into pieces ('<', 'v', ...) and its prompt would "
                                     f"silently lose the concept. Restore the files from the run, or load an earlier state")
         embeddings = {}
         for task in seen:
-            found = load_tensors(self.task_dir(task.index) / EMBEDS_FILE)
+            found = load_tensors(self.task_dir(task.index) / name)
             if task.token not in found or len(found) != 1 or found[task.token].dim() != 1:
-                raise ValueError(f"corrupt run file {str(self.task_dir(task.index) / EMBEDS_FILE)!r}: expected one "
+                raise ValueError(f"corrupt run file {str(self.task_dir(task.index) / name)!r}: expected one "
                                  f"(D,) tensor named {task.token!r}, got "
                                  f"{ {k: tuple(v.shape) for k, v in found.items()} }")
             embeddings[task.token] = found[task.token]
@@ -241,32 +260,55 @@ def check_tokens_whole(tokenizer, tokens: List[str], where: str) -> None:
 
 
 def load_pipeline(run_dir: PathLike, task_index: int, device: str = "cpu"):
-    """The base model with task `task_index`'s LoRA and every modifier token learned up to that task.
+    """The base model with task `task_index`'s LoRA (or VeRA, through peft) and every modifier token learned up to
+    that task (SDXL: in both text encoders), as a StableDiffusionPipeline or a StableDiffusionXLPipeline.
 
     The base model is the run's pretrained_model_name_or_path (a local directory, or a Hub id read from the local
     cache at the run's revision), with the run's weight variant. Raises FileNotFoundError / ValueError naming the
     file when a task output is missing or corrupt, or when any embedding of tasks 1..task_index is missing.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from dcfast.models.hub import resolve_model
+    from dcfast.models.loading import model_kind
 
     run = Run(run_dir)
     state = run.state(task_index)  # a clear error for a missing or damaged file before diffusers sees it
     model = run.base_model()
     base = resolve_model(model["name_or_path"], model["revision"])
+    xl = model_kind(base) == "sdxl"
+    second = run.embeddings(task_index, 1) if xl else {}
     if not (base / "vae").is_dir():
-        raise ValueError(f"load_pipeline: base model {model['name_or_path']!r} has no vae/; StableDiffusionPipeline "
-                         f"needs one")
+        raise ValueError(f"load_pipeline: base model {model['name_or_path']!r} has no vae/; "
+                         f"{'StableDiffusionXLPipeline' if xl else 'StableDiffusionPipeline'} needs one")
     weights = {"variant": model["variant"]} if model["variant"] else {}
     with _quiet_diffusers():  # eval loads every task state: one loading bar and LoRA notice each is noise
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True, **weights)
-        pipe.load_lora_weights(str(state.lora_dir), weight_name=LORA_FILE)
+        if xl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True, **weights)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                           local_files_only=True, **weights)
+        if state.adapter == "vera":
+            load_vera(pipe, state.lora_dir)
+        else:
+            pipe.load_lora_weights(str(state.lora_dir), weight_name=LORA_FILE)
         for token, embedding in state.embeddings.items():
             pipe.load_textual_inversion({token: embedding}, token=token)
+        for token, embedding in second.items():
+            pipe.load_textual_inversion({token: embedding}, token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
     check_tokens_whole(pipe.tokenizer, list(state.embeddings), f"task state {task_index}")
+    if xl:
+        check_tokens_whole(pipe.tokenizer_2, list(second), f"task state {task_index} (second text encoder)")
     return pipe.to(device)
+
+
+def load_vera(pipe, folder: PathLike) -> None:
+    """Inject the VeRA adapter saved in `folder` (peft's layout) into `pipe.unet`: diffusers' pipelines have no VeRA
+    loader, so peft's PeftModel loads it, wrapping the U-Net's layers in place; the bare U-Net is kept."""
+    from peft import PeftModel
+
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, str(folder)).get_base_model()
 
 
 @contextlib.contextmanager

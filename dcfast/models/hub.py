@@ -75,8 +75,8 @@ def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None
                          f"{field} at a local diffusers directory") from None
 
 
-def check_variant(model_dir: Union[str, Path], variant: Optional[str], subfolders=("unet", "text_encoder", "vae"),
-                  repo_id: Optional[str] = None) -> None:
+def check_variant(model_dir: Union[str, Path], variant: Optional[str],
+                  subfolders=("unet", "text_encoder", "text_encoder_2", "vae"), repo_id: Optional[str] = None) -> None:
     """ValueError naming `variant` when a weighted subfolder has no `*.{variant}.safetensors|bin` file.
 
     diffusers and transformers load `diffusion_pytorch_model.fp16.safetensors` / `model.fp16.safetensors` for

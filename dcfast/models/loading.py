@@ -1,5 +1,6 @@
 """Loading a local diffusers directory, or a Hub id already in the local cache (nothing is downloaded),
-into the components training needs; the checks and the fingerprint of a model directory."""
+into the components training needs; the checks, the kind (SD 1.x/2.x or SDXL) and the fingerprint of a
+model directory."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dcfast.engine.targets import PREDICTION_TYPES
 
@@ -24,6 +25,13 @@ class Components:
     noise_scheduler: DDPMScheduler
     vae: Optional[AutoencoderKL] = None
     fingerprint: Optional[str] = None  # model_fingerprint of the directory it was read from
+    text_encoder_2: Optional[CLIPTextModelWithProjection] = None  # SDXL's second text encoder and tokenizer
+    tokenizer_2: Optional[CLIPTokenizer] = None
+
+    @property
+    def kind(self) -> str:
+        """"sdxl" with a second text encoder, else "sd" (SD 1.x/2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -36,6 +44,39 @@ class Components:
 
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
+
+# model_index.json's pipeline class -> the kind dcfast trains
+PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# classes users bring that dcfast refuses, and why
+REFUSED_PIPELINES = {
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (img2img): it refines a base model's latents and has no "
+                                        "first text encoder; train the SDXL base model",
+    "StableDiffusionInpaintPipeline": "an inpainting model: its U-Net also reads a mask and a masked image",
+    "StableDiffusionXLInpaintPipeline": "an inpainting model: its U-Net also reads a mask and a masked image",
+}
+
+
+def model_kind(path: Union[str, Path], field: str = "pretrained_model_name_or_path") -> str:
+    """"sd" (SD 1.x/2.x) or "sdxl", from model_index.json's _class_name, read before any weight loads.
+
+    Without model_index.json: "sdxl" when text_encoder_2/ is there, else "sd". Any other pipeline class, a
+    refiner or an inpainting model is refused with an error that names the class and what is supported.
+    """
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{field}: cannot read {str(index)!r} ({error}); it must be diffusers' model_index.json") from None
+    supported = " and ".join(f"{c} ({'SD 1.x/2.x' if k == 'sd' else 'SDXL'})" for c, k in PIPELINE_KINDS.items())
+    if name in PIPELINE_KINDS:
+        return PIPELINE_KINDS[name]
+    why = REFUSED_PIPELINES.get(name) or ("an inpainting model" if "Inpaint" in str(name) else
+                                          "a pipeline dcfast does not know")
+    raise ValueError(f"{field}: {str(path)!r} is a {name} ({why}); dcfast trains {supported} models")
 
 
 def check_model_dir(path: Union[str, Path], field: str = "pretrained_model_name_or_path") -> Path:
@@ -44,7 +85,8 @@ def check_model_dir(path: Union[str, Path], field: str = "pretrained_model_name_
     if not path.is_dir():
         raise ValueError(f"{field}: {str(path)!r} is not a directory; point it at a local diffusers model "
                          f"directory (with {', '.join(s + '/' for s in REQUIRED_SUBFOLDERS)}); nothing is downloaded")
-    missing = [s for s in REQUIRED_SUBFOLDERS if not (path / s).is_dir()]
+    required = REQUIRED_SUBFOLDERS + (SDXL_SUBFOLDERS if model_kind(path, field) == "sdxl" else ())
+    missing = [s for s in required if not (path / s).is_dir()]
     if missing:
         raise ValueError(f"{field}: model directory {str(path)!r} has no {', '.join(m + '/' for m in missing)} "
                          f"subfolder; expected a diffusers layout ({', '.join(s + '/' for s in REQUIRED_SUBFOLDERS)}, "
@@ -64,7 +106,7 @@ def model_fingerprint(path: Union[str, Path]) -> str:
     """
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(f for sub in REQUIRED_SUBFOLDERS + ("vae",) if (root / sub).is_dir()
+    for file in sorted(f for sub in REQUIRED_SUBFOLDERS + SDXL_SUBFOLDERS + ("vae",) if (root / sub).is_dir()
                        for f in (root / sub).rglob("*") if f.is_file()):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
@@ -108,6 +150,11 @@ def load_components(path: Union[str, Path], revision: Optional[str] = None, vari
     kw = dict(local_files_only=True)
     weights = dict(kw, variant=variant) if variant else kw
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights).eval() if (path / "vae").is_dir() else None
+    second = {}
+    if model_kind(path) == "sdxl":
+        second = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                                 **weights).eval(),
+                      tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
     return Components(
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights).eval(),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights).eval(),
@@ -115,4 +162,5 @@ def load_components(path: Union[str, Path], revision: Optional[str] = None, vari
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         vae=vae,
         fingerprint=model_fingerprint(path),
+        **second,
     )

@@ -8,11 +8,12 @@ no cross-attention in the first down block, linear projections in the transforme
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
@@ -192,16 +193,17 @@ def tiny_xl_unet(seed: int = 0, sample_size: int = TINY_RESOLUTION // 2) -> UNet
     return unet.eval()
 
 
-def tiny_xl(seed: int = 0) -> StableDiffusionXLPipeline:
+def tiny_xl(seed: int = 0, tokenizer: Optional[CLIPTokenizer] = None) -> StableDiffusionXLPipeline:
     """A tiny SDXL-layout pipeline built in code (no downloads): two tokenizers and text encoders, the SDXL
-    U-Net layout, a tiny VAE, DDIM. Saves and loads like `tiny()`, with text_encoder_2/ and tokenizer_2/."""
-    tokenizer = tiny_tokenizer()
+    U-Net layout, a tiny VAE, DDIM. Saves and loads like `tiny()`, with text_encoder_2/ and tokenizer_2/.
+    `tokenizer` (default: the tiny one) serves both encoders, e.g. the shipped base's world vocabulary."""
+    tokenizer = tokenizer or tiny_tokenizer()
     eos = tokenizer.eos_token_id
     scheduler = DDIMScheduler.from_config(tiny_scheduler().config, steps_offset=1)
     return StableDiffusionXLPipeline(
         vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tokenizer), eos, seed=seed),
         text_encoder_2=tiny_text_encoder_with_projection(len(tokenizer), eos, seed=seed + 1),
-        tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=tiny_xl_unet(seed), scheduler=scheduler,
+        tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer), unet=tiny_xl_unet(seed), scheduler=scheduler,
         force_zeros_for_empty_prompt=True)
 
 

@@ -23,6 +23,7 @@ from dcfast.io.runs import DEFAULT_GUIDANCE_SCALE
 from dcfast.training.settings import MethodSettings, build, coerce, setting
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ADAPTERS = ("lora", "vera")  # the U-Net adapters a run can train (dcfast.training.adapters)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # accelerate's trackers (accelerate.utils.LoggerType); "all": every one installed. The preflight checks that the
 # chosen one is installed (accelerate.tracking.get_available_trackers), before any model loads.
@@ -67,9 +68,16 @@ class TrainConfig:
 
     # LoRA. Rank 4 on the attention projections is diffusers' LoRA default; alpha = rank (scale 1)
     # keeps B·A the actual weight change, which the C-LoRA penalty and exports assume.
-    rank: int = setting(4, at_least=1)  # LoRA rank (diffusers' default)
-    lora_alpha: Optional[int] = None  # None: = rank
+    # With adapter vera, rank is VeRA's r, the inner size of its shared random matrices: each layer trains r + out
+    # numbers whatever r, so VeRA papers use large r (Kopiczko et al. 256 to 1024; peft's default 256).
+    rank: int = setting(4, at_least=1)  # LoRA rank (diffusers' default), or VeRA's r (VeRA papers: 256 to 1024)
+    lora_alpha: Optional[int] = None  # None: = rank (VeRA has no alpha: leave it unset)
     target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # U-Net attention projections
+    # The U-Net adapter every method trains: "lora" (trained factors B, A per layer) or "vera" (Kopiczko et al.:
+    # frozen random A, B shared by every target layer, trained vectors lambda_d (r) and lambda_b (out) per layer: many
+    # times fewer trained parameters than LoRA at similar quality in their experiments; nn.Linear targets only). A VeRA
+    # task state is written in peft's layout, which diffusers pipelines do not load: peft does (docs/training.md).
+    adapter: str = setting("lora", choices=ADAPTERS)
 
     # Optimisation (diffusers' train_dreambooth_lora names and defaults, lr lowered for continual use).
     learning_rate: float = setting(1e-4, positive=True)  # LoRA learning rate

@@ -120,6 +120,7 @@ def sample_validation(config, components, models, prompts: List[str]) -> List[to
 
     vae = components.vae
     pipe = SimpleNamespace(unet=models.unet, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                           text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
                            scheduler=models.noise_scheduler, vae=vae,
                            vae_scale_factor=components.vae_scale_factor)
     images = []

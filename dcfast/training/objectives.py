@@ -5,6 +5,9 @@ the noise eps for epsilon models, the velocity v = sqrt(abar) eps - sqrt(1 - aba
 
 U-Net rows are ordered image-major everywhere ((b, j) for b in images, j in that image's (t, eps)
 pairs), so a Fisher pass with `num_samples=B` sees each image's rows together.
+
+Conditions are a `dcfast.models.prompts.Conditions` (or SD's hidden-states tensor); an SDXL model also needs
+`time_ids`, one row (n,) per image of x0 (B, n), or one (n,) for all.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import torch.nn.functional as F
 
 from dcfast.engine.scores import dc_logits, dc_scores, dc_scores_with_predictions
 from dcfast.engine.targets import default_timesteps, training_target
+from dcfast.models.prompts import as_conditions
 
-def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-                 noise_offset: float = 0.0) -> torch.Tensor:
+def denoise_loss(unet, scheduler, x0: torch.Tensor, cond, generator: torch.Generator,
+                 noise_offset: float = 0.0, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_denoise = E ||target - model(x_t, c, t)||^2 with one random (t, eps) per image; cond is (L, D), or
     (B, L, D) for one condition per image.
 
@@ -30,7 +34,7 @@ def denoise_loss(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, generato
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     if noise_offset > 0:
         noise = noise + noise_offset * torch.randn((B, x0.shape[1], 1, 1), generator=generator).to(x0)
-    pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(B, -1, -1)).sample
+    pred = unet(scheduler.add_noise(x0, noise, t), t, **as_conditions(cond).unet_kwargs(B, time_ids)).sample
     return F.mse_loss(pred.float(), training_target(scheduler, x0, noise, t).float())
 
 
@@ -43,18 +47,25 @@ def noisy_rows(scheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torc
     return scheduler.add_noise(x0_rows, eps, t), t, training_target(scheduler, x0_rows, eps, t)
 
 
-def predict_rows(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor,
-                 noise: torch.Tensor) -> torch.Tensor:
+def _row_time_ids(time_ids: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """Per-image time ids (B, n) repeated for each image's T rows (b, j); shared (n,) or None as they are."""
+    return time_ids.repeat_interleave(T, dim=0) if time_ids is not None and time_ids.dim() == 2 else time_ids
+
+
+def predict_rows(unet, scheduler, x0: torch.Tensor, cond, timesteps: torch.Tensor, noise: torch.Tensor,
+                 time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's output (eps or v) at x_t, c, t for every row (b, j) under one condition cond (L, D); (B*T, C, H, W)."""
     x_t, t, _ = noisy_rows(scheduler, x0, timesteps, noise)
-    return unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1)).sample
+    rows = x_t.shape[0]
+    return unet(x_t, t, **as_conditions(cond).unet_kwargs(rows, _row_time_ids(time_ids, timesteps.shape[1]))).sample
 
 
-def per_sample_denoise_losses(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor,
-                              noise: torch.Tensor) -> torch.Tensor:
+def per_sample_denoise_losses(unet, scheduler, x0: torch.Tensor, cond, timesteps: torch.Tensor,
+                              noise: torch.Tensor, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B,) denoising losses, image b averaged over its T pairs; timesteps (B, T), noise (B, T, C, H, W)."""
     x_t, t, target = noisy_rows(scheduler, x0, timesteps, noise)
-    pred = unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1)).sample
+    rows = x_t.shape[0]
+    pred = unet(x_t, t, **as_conditions(cond).unet_kwargs(rows, _row_time_ids(time_ids, timesteps.shape[1]))).sample
     return (pred.float() - target.float()).pow(2).reshape(x0.shape[0], -1).mean(-1)
 
 
@@ -94,21 +105,27 @@ def dc_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return -(top.squeeze(-1) + torch.log1p(others.sum(-1) + torch.expm1(-top.squeeze(-1))))
 
 
-def dc_log_probs(unet, scheduler, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                 temperature: float, loss: str = "l2", max_batch=None) -> torch.Tensor:
+def dc_log_probs(unet, scheduler, x0: torch.Tensor, conds, timesteps: torch.Tensor, noise: torch.Tensor,
+                 temperature: float, loss: str = "l2", max_batch=None,
+                 time_ids: Optional[torch.Tensor] = None, checkpoint: bool = False) -> torch.Tensor:
     """log p_theta(c_k | x0) (B, K), float64 (`dc_log_softmax`), from the DC engine over the K concept conditions
-    `conds` (K, L, D)."""
-    err = dc_scores(unet, scheduler, x0, conds, timesteps=timesteps, noise=noise, loss=loss, max_batch=max_batch)
+    `conds` (K, L, D); `checkpoint`: the engine's chunk recompute (memory of one chunk in the backward)."""
+    conds = as_conditions(conds)
+    err = dc_scores(unet, scheduler, x0, conds.hidden, timesteps=timesteps, noise=noise, loss=loss, max_batch=max_batch,
+                    checkpoint=checkpoint, **conds.engine_kwargs(time_ids))
     return dc_log_softmax(dc_logits(err.double(), temperature))
 
 
-def dc_log_probs_and_rows(unet, scheduler, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
+def dc_log_probs_and_rows(unet, scheduler, x0: torch.Tensor, conds, timesteps: torch.Tensor,
                           noise: torch.Tensor, temperature: float, columns: Sequence[int], loss: str = "l2",
-                          max_batch=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                          max_batch=None, time_ids: Optional[torch.Tensor] = None,
+                          checkpoint: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """`dc_log_probs` and, from the same pass, the model's outputs under conds[c] for c in `columns`, each
     (B*T, C, H, W) in `predict_rows`' order: the rows a separate `predict_rows` call would compute, not recomputed."""
-    err, rows = dc_scores_with_predictions(unet, scheduler, x0, conds, columns, timesteps=timesteps, noise=noise,
-                                           loss=loss, max_batch=max_batch)
+    conds = as_conditions(conds)
+    err, rows = dc_scores_with_predictions(unet, scheduler, x0, conds.hidden, columns, timesteps=timesteps, noise=noise,
+                                           loss=loss, max_batch=max_batch, checkpoint=checkpoint,
+                                           **conds.engine_kwargs(time_ids))
     log_probs = dc_log_softmax(dc_logits(err.double(), temperature))
     return log_probs, [rows[:, i].reshape(-1, *x0.shape[1:]) for i in range(len(columns))]
 

@@ -61,6 +61,9 @@ def problems(config) -> List[str]:
     if config.method_settings is not None:
         found.extend(field_problems(config.method_settings))
         found.extend(config.method_settings.problems(config))
+    if config.adapter == "vera" and config.lora_alpha is not None:
+        found.append(f"lora_alpha: adapter vera has no alpha (its update diag(lambda_b) B diag(lambda_d) A has scale 1), "
+                     f"got {config.lora_alpha!r}; leave lora_alpha unset, or set adapter: lora")
     if config.eval_every_task and config.eval_num_images < 2:
         found.append(f"eval_num_images: must be >= 2 (unbiased MMD needs two samples), got {config.eval_num_images}")
     if config.report_to in type(config).__dataclass_fields__["report_to"].metadata["choices"]:

@@ -6,7 +6,7 @@ no optimizer state for the whole table, other rows bit-identical). `freeze()` wr
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -62,3 +62,17 @@ def set_embedding(text_encoder, token_id: int, embedding: torch.Tensor) -> None:
     """Overwrite one row of the embedding table (restoring a frozen token on resume)."""
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight[token_id] = embedding
+
+
+def add_task_tokens(pairs, token: str, class_word: str,
+                    generator: Optional[torch.Generator] = None) -> List[ModifierToken]:
+    """A task's <v_i> in each (tokenizer, text encoder) pair of the model (SDXL: both, each from the class word's
+    embedding in that encoder, as diffusers' SDXL textual-inversion script does); with `generator`, random
+    starts instead (C-LoRA), drawn encoder after encoder."""
+    tokens = []
+    for tokenizer, text_encoder in pairs:
+        token_id = add_token(tokenizer, text_encoder, token)
+        init = (random_embedding(text_encoder, generator) if generator is not None
+                else class_word_embedding(tokenizer, text_encoder, class_word))
+        tokens.append(ModifierToken(text_encoder, token, token_id, init))
+    return tokens

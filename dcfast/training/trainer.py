@@ -20,15 +20,16 @@ from tqdm.auto import tqdm
 
 from dcfast.training import checkpoint as ckpt
 from dcfast.training import monitor
-from dcfast.training.adapters import add_lora, diffusers_lora_file, load_lora_state, lora_state
+from dcfast.training.adapters import add_adapter, load_lora_state, lora_parameters, lora_state, save_adapter
 from dcfast.training.config import RENAMED, TrainConfig
 from dcfast.training.settings import resumable
-from dcfast.io.images import augment, load_images, load_resized
+from dcfast.io.images import augment, center_offsets, crop_geometry, load_images, load_resized
 from dcfast.training.methods import Method, Models, TaskData, get_method
 from dcfast.models.loading import Components, load_components
-from dcfast.io.runs import (CONFIG_FILE, EMBEDS_FILE, FISHER_FILE, LORA_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
+from dcfast.io.runs import (CONFIG_FILE, EMBEDS_FILES, FISHER_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
                             TASK_EVAL_FILE, Run, Task, load_tensors, save_tensors, task_dir, write_json)
-from dcfast.training.tokens import ModifierToken, add_token, class_word_embedding, random_embedding, set_embedding
+from dcfast.models.prompts import sdxl_time_ids
+from dcfast.training.tokens import ModifierToken, add_task_tokens, add_token, set_embedding
 
 logger = monitor.process_logger(__name__)
 StepCallback = Callable[[int, int, Models], None]
@@ -124,12 +125,13 @@ def _optimizer_class(config: TrainConfig):
 
 def cast_frozen_weights(components: Components, dtype: torch.dtype) -> None:
     """The frozen weights in `dtype`, as diffusers' LoRA scripts do under mixed precision: the U-Net's base weights,
-    the VAE, the text encoder. The LoRA parameters keep their fp32 (never rounded through `dtype`); the modifier
-    token trains as a separate fp32 parameter (dcfast.training.tokens)."""
+    the VAE, the text encoder. The adapter's trained parameters keep their fp32 (never rounded through `dtype`); the
+    modifier token trains as a separate fp32 parameter (dcfast.training.tokens)."""
+    trained = lora_parameters(components.unet)
     for name, param in components.unet.named_parameters():
-        if ".lora_A." not in name and ".lora_B." not in name:
+        if name not in trained:
             param.data = param.data.to(dtype)
-    for module in (components.text_encoder, components.vae):
+    for module in (components.text_encoder, components.text_encoder_2, components.vae):
         if module is not None:
             module.to(dtype=dtype)
 
@@ -150,23 +152,24 @@ def _restore_finished(models: Models, method: Method, output_dir: str, plan: Lis
     """Bring the model to the end of task `done`: every learned token, the LoRA, the method state."""
     if not done:
         return
-    embeddings = Run(output_dir).embeddings(done)  # each one checked, or an error naming the file
-    for task in plan[:done]:
-        token_id = add_token(models.tokenizer, models.text_encoder, task.token)
-        set_embedding(models.text_encoder, token_id, embeddings[task.token])
+    for encoder, (tokenizer, text_encoder) in enumerate(models.text_pairs()):
+        embeddings = Run(output_dir).embeddings(done, encoder)  # each one checked, or an error naming the file
+        for task in plan[:done]:
+            set_embedding(text_encoder, add_token(tokenizer, text_encoder, task.token), embeddings[task.token])
     state = load_tensors(task_dir(output_dir, done) / STATE_FILE)
     load_lora_state(models.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
     method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
 
 
-def _write_task_outputs(config: TrainConfig, method: Method, models: Models, task: Task, embedding: torch.Tensor,
-                        metrics: Dict[str, float]) -> Path:
-    """task_{i}/: LoRA (diffusers), token embedding, Fisher, resume state, config; metrics.json last."""
+def _write_task_outputs(config: TrainConfig, method: Method, models: Models, task: Task,
+                        embeddings: List[torch.Tensor], metrics: Dict[str, float]) -> Path:
+    """task_{i}/: LoRA (diffusers; VeRA: peft's layout), the token's embedding in each text encoder, Fisher, resume
+    state, config; metrics.json last."""
     folder = task_dir(config.output_dir, task.index)
     lora, rank, alpha = method.export_lora()
-    tensors, metadata = diffusers_lora_file(lora, rank, alpha, config.target_modules)
-    save_tensors(folder / LORA_FILE, tensors, metadata=metadata)
-    save_tensors(folder / EMBEDS_FILE, {task.token: embedding.float()})
+    save_adapter(folder, models.unet, lora, rank, alpha, config.target_modules)
+    for name, embedding in zip(EMBEDS_FILES, embeddings):
+        save_tensors(folder / name, {task.token: embedding.float()})
     save_tensors(folder / FISHER_FILE, method.fisher_state())
     state = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
     state.update({f"method.{k}": v for k, v in method.state_dict().items()})
@@ -199,14 +202,15 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress:
         raise ValueError(f"pretrained_model_name_or_path: {config.pretrained_model_name_or_path!r} has no vae/, so it "
                          f"must work on RGB pixels, but its U-Net takes {components.unet.config.in_channels} channels; "
                          f"add the model's vae/ folder")
-    for module in (components.unet, components.text_encoder, components.vae):
+    for module in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
         if module is not None:
             module.requires_grad_(False)
 
-    # 2. Add the LoRA adapter: the only trainable U-Net weights (plus each task's modifier token).
-    add_lora(components.unet, config.rank, config.resolved_lora_alpha(), config.target_modules, config.seed)
+    # 2. Add the adapter (LoRA or VeRA): the only trainable U-Net weights (plus each task's modifier token).
+    add_adapter(components.unet, config.adapter, config.rank, config.resolved_lora_alpha(), config.target_modules,
+                config.seed)
     device = accelerator.device
-    for module in (components.unet, components.text_encoder, components.vae):
+    for module in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
         if module is not None:
             module.to(device)
     if WEIGHT_DTYPES[config.mixed_precision] is not None:
@@ -218,7 +222,8 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress:
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
     models = Models(components.unet, components.text_encoder, components.tokenizer, components.noise_scheduler,
-                    accelerator, progress=progress)
+                    accelerator, progress=progress, text_encoder_2=components.text_encoder_2,
+                    tokenizer_2=components.tokenizer_2)
     method = get_method(config.method)(config, models)
     plan = _task_plan(config)
     resolution = config.resolution or components.resolution
@@ -250,7 +255,7 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress:
     logger.info(f"  tasks = {len(plan)} (resuming after {done}, checkpoint: {checkpoint.path if checkpoint else None})")
     logger.info(f"  steps per task = {config.max_train_steps}, batch per process = {config.train_batch_size}, "
                 f"gradient accumulation = {config.gradient_accumulation_steps}, processes = {accelerator.num_processes}")
-    logger.info(f"  LoRA rank {config.rank} on {config.target_modules}: {lora_count} parameters; "
+    logger.info(f"  {config.adapter} rank {config.rank} on {config.target_modules}: {lora_count} parameters; "
                 f"mixed precision = {config.mixed_precision}; resolution = {resolution}")
     logger.info(f"  base model = {config.pretrained_model_name_or_path} (revision {config.revision}, variant "
                 f"{config.variant}); gradient checkpointing = {config.gradient_checkpointing}; trackers = "
@@ -291,42 +296,44 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     steps = config.max_train_steps * len(phase)
     axis = monitor.StepAxis(steps, method.consolidation_steps())
 
-    # a. Each task's modifier token <v_i>: from the class word's embedding (C-LoRA: random).
-    tokens = []
-    for task in phase:
-        token_id = add_token(models.tokenizer, models.text_encoder, task.token)
-        init = (random_embedding(models.text_encoder, _generator(config.seed, task.index, 999_983))
-                if method.random_token_init else class_word_embedding(models.tokenizer, models.text_encoder, task.class_word))
-        tokens.append(ModifierToken(models.text_encoder, task.token, token_id, init))
-    models.token = tokens[-1]
+    # a. Each task's modifier token <v_i> in each text encoder: from the class word's embedding (C-LoRA: random).
+    tokens = [add_task_tokens(models.text_pairs(), task.token, task.class_word,
+                              _generator(config.seed, task.index, 999_983) if method.random_token_init else None)
+              for task in phase]  # tokens[task][encoder]
+    models.token = tokens[-1][0]
     # what the phase starts from, to record what it moved (a resume rebuilds this same start before its restore)
-    start_lora, start_tokens = lora_state(models.unet), [token.param.detach().clone() for token in tokens]
+    start_lora = lora_state(models.unet)
+    start_tokens = [[token.param.detach().clone() for token in task_tokens] for task_tokens in tokens]
 
     # b. The tasks' images, in model space once (the VAE is frozen), each image with its task's prompt.
-    latents, uncropped, image_prompts = [], [], []
+    latents, uncropped, image_prompts, geometry = [], [], [], []
     for task in phase:
         field_name = f"tasks[{task.index - 1}].images"
         images = load_images(task.images, resolution, field=field_name).to(accelerator.device)
         latents.append(_encode_images(components, images))
         image_prompts += [task.prompt] * images.shape[0]
+        if components.kind == "sdxl":
+            geometry += crop_geometry(task.images, resolution, field_name)
         # Random crops / flips: the uncropped images stay, and each step's batch is cropped and encoded afresh.
         if not config.center_crop or config.random_flip:
             uncropped += load_resized(task.images, resolution, field_name)
     latents = torch.cat(latents)
     uncropped = uncropped or None
+    time_ids = (torch.stack([sdxl_time_ids(g[:2], center_offsets(g[2], g[3], resolution), (resolution, resolution))
+                             for g in geometry]).to(latents.device) if geometry else None)
     generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
                   "shared": _generator(config.seed, n, 0)}
     last = phase[-1]
     data = TaskData(index=n, latents=latents, prompt=last.prompt, pretrained_concept_prompt=last.pretrained_concept_prompt,
                     past_prompts=[t.prompt for t in plan[:first - 1]], generator=generators["local"],
                     shared_generator=generators["shared"], seed=config.seed * 1009 + n,
-                    image_prompts=image_prompts if len(phase) > 1 else None)
+                    image_prompts=image_prompts if len(phase) > 1 else None, time_ids=time_ids)
     with accelerator.autocast():  # the auto tau runs the U-Net, whose frozen weights may be fp16/bf16
         method.begin_task(data)
 
     # c. Optimizer over the LoRA (unless the method leaves it alone) and the tokens (no weight decay on tokens).
     lora = [p for p in models.lora().values() if p.requires_grad] if method.trains_lora else []  # a method may freeze some
-    token_params = [token.param for token in tokens]
+    token_params = [token.param for task_tokens in tokens for token in task_tokens]
     params = lora + token_params
     groups = [{"params": token_params, "lr": config.token_learning_rate, "weight_decay": 0.0}]
     if lora:
@@ -342,8 +349,9 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     if checkpoint is not None:
         load_lora_state(models.unet, checkpoint.prefixed("lora."))
         with torch.no_grad():
-            for task, token in zip(phase, tokens):
-                token.param.copy_(checkpoint.tensors[_token_key(task)])
+            for task, task_tokens in zip(phase, tokens):
+                for encoder, token in enumerate(task_tokens):
+                    token.param.copy_(checkpoint.tensors[_token_key(task, encoder)])
         ckpt.restore_optimizer(optimizer, checkpoint)
         lr_scheduler.load_state_dict(checkpoint.meta["lr_scheduler"])
         generators["shared"].set_state(checkpoint.tensors["rng.shared"])
@@ -367,10 +375,16 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
             batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
             if uncropped is None:
                 x0 = latents[batch.to(latents.device)]
+                data.batch_time_ids = data.time_ids_of(batch.to(latents.device))
             else:
+                offsets = []
                 pixels = augment([uncropped[i] for i in batch.tolist()], resolution, generators["local"],
-                                 center_crop=config.center_crop, random_flip=config.random_flip)
+                                 center_crop=config.center_crop, random_flip=config.random_flip, offsets=offsets)
                 x0 = _encode_images(components, pixels.to(accelerator.device))
+                if time_ids is not None:  # the crop moved: SDXL's crop ids follow it
+                    data.batch_time_ids = torch.stack([
+                        sdxl_time_ids(geometry[i][:2], offset, (resolution, resolution))
+                        for i, offset in zip(batch.tolist(), offsets)]).to(latents.device)
             with accelerator.autocast():
                 loss, logs = (method.loss(x0) if data.image_prompts is None
                               else method.loss(x0, [data.image_prompts[i] for i in batch.tolist()]))
@@ -402,7 +416,7 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     progress.close()
 
     # f. Freeze the tokens, consolidate (Fisher, DSC), write each task_{i}/ (metrics.json last).
-    embeddings = [token.freeze() for token in tokens]
+    embeddings = [[token.freeze() for token in task_tokens] for task_tokens in tokens]
     models.token = None
     if config.gradient_checkpointing:  # the Fisher's hooks must see each forward once, not again in the backward
         models.unet.disable_gradient_checkpointing()
@@ -423,9 +437,10 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     if len(phase) > 1:
         metrics["trained_jointly_with"] = [t.index for t in phase]
     if accelerator.is_main_process:
-        for task, embedding, start in zip(phase, embeddings, start_tokens):
-            _write_task_outputs(config, method, models, task, embedding,
-                                {"task": task.index, **metrics, "token_change": _distance({"": embedding}, {"": start[0]})})
+        for task, task_embeddings, start in zip(phase, embeddings, start_tokens):
+            change = _distance(dict(enumerate(task_embeddings)), {e: s[0] for e, s in enumerate(start)})
+            _write_task_outputs(config, method, models, task, task_embeddings,
+                                {"task": task.index, **metrics, "token_change": change})
         history.save(task_dir(config.output_dir, n) / monitor.LOSSES_FILE, axis.train_step(first, 0))
         ckpt.remove_checkpoints(config.output_dir)
         _validate_task(config, components, models, plan, n, axis)
@@ -443,9 +458,9 @@ def _distance(after: Dict[str, torch.Tensor], before: Dict[str, torch.Tensor]) -
                          for k in before))
 
 
-def _token_key(task: Task) -> str:
-    """A task's token in a mid-task checkpoint."""
-    return f"token.{task.index}"
+def _token_key(task: Task, encoder: int = 0) -> str:
+    """A task's token (in text encoder `encoder`) in a mid-task checkpoint."""
+    return f"token.{task.index}" + (f".{encoder + 1}" if encoder else "")
 
 
 def _validate_task(config: TrainConfig, components: Components, models: Models, plan: List[Task], n: int,
@@ -471,13 +486,15 @@ def _evaluate_task(config: TrainConfig, n: int, device: torch.device) -> None:
 
 
 def _save_checkpoint(config: TrainConfig, models: Models, optimizer, lr_scheduler, generators: Dict[str, torch.Generator],
-                     phase: List[Task], tokens: List[ModifierToken], step: int, history: monitor.LossHistory) -> None:
+                     phase: List[Task], tokens: List[List[ModifierToken]], step: int,
+                     history: monitor.LossHistory) -> None:
     """Every process's RNG goes to the main process, which writes the checkpoint (named after the phase's last task)."""
     accelerator = models.accelerator
     local_states = accelerator.gather(generators["local"].get_state().unsqueeze(0))
     if accelerator.is_main_process:
         tensors = {f"lora.{k}": v for k, v in lora_state(models.unet).items()}
-        tensors.update({_token_key(task): token.param.detach() for task, token in zip(phase, tokens)})
+        tensors.update({_token_key(task, encoder): token.param.detach()
+                        for task, task_tokens in zip(phase, tokens) for encoder, token in enumerate(task_tokens)})
         tensors.update({f"rng.local.{r}": s for r, s in enumerate(local_states)})
         tensors["rng.shared"] = generators["shared"].get_state()
         ckpt.save_checkpoint(config.output_dir, phase[-1].index, step, tensors, optimizer,

@@ -140,3 +140,62 @@ def test_sdxl_bad_added_conditions_name_the_problem(xl_unet, scheduler, unet, ca
         pattern = "no added conditions"
     with pytest.raises(ValueError, match=pattern):
         dcfast.dc_scores(model, scheduler, x0, cond, timesteps=timesteps, noise=noise, **kwargs)
+
+
+def test_sdxl_dc_fisher_matches_per_sample_loop(xl_unet, scheduler):
+    """The per-sample Fisher of a DC loss on the SDXL pass (EWC-DC's), accumulated in one backward, against one
+    backward per image through the naive loop."""
+    from dcfast.engine.fisher import FisherAccumulator
+    from dcfast.engine.reference import fisher_naive
+
+    x0, cond, added, timesteps, noise = _problem(seed=6)
+    unet = copy.deepcopy(xl_unet)
+    label = torch.tensor([1, 0])
+
+    def losses(scores, images):
+        err = scores(unet, scheduler, x0[images], cond, timesteps=timesteps, noise=noise[images],
+                     added_cond_kwargs=dict(added, time_ids=added["time_ids"][images]))
+        return torch.nn.functional.cross_entropy(dcfast.dc_logits(err, 0.01), label[images], reduction="none")
+
+    want = fisher_naive(unet, lambda i: losses(dc_scores_naive, slice(i, i + 1)).sum(), B)
+    acc = FisherAccumulator(unet)
+    with acc.track(num_samples=B):
+        losses(dcfast.dc_scores, slice(0, B)).sum().backward()
+    unet.zero_grad(set_to_none=True)
+    assert set(acc.fisher) == set(want)
+    worst = max(((acc.fisher[n].double() - want[n].double()).norm() / want[n].double().norm()).item() for n in want)
+    assert worst <= 1e-4
+
+
+def _saved_bytes_and_grads(unet, scheduler, checkpoint, with_predictions=False):
+    """Bytes autograd keeps for the backward of one DC pass (4-row chunks), and the gradients it gives."""
+    x0, cond, added, timesteps, noise = _problem(seed=8)
+    cond = cond.clone().requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    _zero(unet)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if with_predictions:
+            err, pred = dc_scores_with_predictions(unet, scheduler, x0, cond, (0, 2), timesteps=timesteps, noise=noise,
+                                                   max_batch=4, added_cond_kwargs=added, checkpoint=checkpoint)
+            err = err + pred.mean()
+        else:
+            err = dcfast.dc_scores(unet, scheduler, x0, cond, timesteps=timesteps, noise=noise, max_batch=4,
+                                   added_cond_kwargs=added, checkpoint=checkpoint)
+    torch.nn.functional.cross_entropy(dcfast.dc_logits(err, 0.01), torch.tensor([0, 1])).backward()
+    return sum(saved), err.detach(), _grads(unet, cond)
+
+
+@pytest.mark.parametrize("with_predictions", [False, True], ids=["scores", "scores+predictions"])
+def test_checkpointed_pass_keeps_a_chunk_not_the_pass(xl_unet, scheduler, with_predictions):
+    """checkpoint=True: the same errors and gradients, with a fraction of the activations kept for the backward."""
+    unet = copy.deepcopy(xl_unet)
+    plain_bytes, plain_err, plain_grads = _saved_bytes_and_grads(unet, scheduler, False, with_predictions)
+    kept_bytes, kept_err, kept_grads = _saved_bytes_and_grads(unet, scheduler, True, with_predictions)
+    assert torch.equal(plain_err, kept_err)
+    assert (kept_grads - plain_grads).abs().max() <= 1e-5 * plain_grads.abs().max()
+    assert kept_bytes < plain_bytes / 5

@@ -200,6 +200,27 @@ def test_demo_command_end_to_end_writes_the_report(tiny_model_dir, tmp_path, cap
     assert sorted(p.name for p in (out / "concepts").iterdir()) == ["cat", "cup"]
 
 
+def test_demo_arch_sdxl_runs_the_world_end_to_end_on_a_tiny_sdxl(tmp_path, capsys):
+    """`dcfast demo --arch sdxl`: the tiny SDXL (random weights, said so) trains, evaluates and reports a world run."""
+    from dcfast.cli import demo as cli_demo
+
+    parser = argparse.ArgumentParser()
+    cli_demo.add_parser(parser.add_subparsers())
+    out = tmp_path / "demo"
+    args = parser.parse_args(["demo", "--arch", "sdxl", "--method", "ewc-dc", "--tasks", "2", "--max_train_steps", "2",
+                              "--num_images", "2", "--output_dir", str(out), "--quiet"])
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "| ewc-dc |" in printed
+    assert json.loads((out / "base-sdxl" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    metrics = json.loads((out / "ewc-dc" / "eval" / "metrics.json").read_text())
+    assert len(metrics["fidelity"]["all"]) == 2
+    assert (out / "ewc-dc" / "task_2" / "learned_embeds_2.safetensors").is_file()
+    args = parser.parse_args(["demo", "--arch", "sdxl", "--base_model", str(out / "base-sdxl"), "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="drop --base_model"):
+        args.handler(args)
+
+
 def test_demo_with_several_methods_writes_the_comparison(tiny_model_dir, tmp_path):
     from dcfast.experiments.runner import run_demo
 
@@ -421,3 +442,15 @@ def test_each_method_reads_its_own_settings_and_subclasses_keep_their_parents():
     assert {f.name for f in dataclasses.fields(METHODS["dsc"].Settings)} <= {
         f.name for f in dataclasses.fields(METHODS["dsc+ewc-dc"].Settings)}
     assert dataclasses.fields(METHODS["lora"].Settings) == ()
+
+
+def test_world_vera_runs_adapt_the_linear_layers_of_the_world_regime():
+    """VeRA adapts nn.Linear layers only: a VeRA world run keeps the regime's linear targets, a LoRA run all of them."""
+    from dcfast.experiments.regimes import WORLD_TARGET_MODULES, train_values
+    from dcfast.models.tiny import tiny_unet
+    from dcfast.training.adapters import add_adapter
+
+    vera = train_values("ewc-dc", False, {"adapter": "vera"})["target_modules"]
+    assert train_values("ewc-dc", False, {})["target_modules"] == WORLD_TARGET_MODULES
+    assert set(vera) < set(WORLD_TARGET_MODULES) and "conv1" not in vera
+    add_adapter(tiny_unet(), "vera", 8, 8, vera, seed=0)  # peft accepts every one of them

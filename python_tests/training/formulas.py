@@ -55,8 +55,9 @@ def set_lora(params, state):
 
 
 def encode(models, prompts):
+    """The prompts' hidden states (K, L, D): the references below are SD 1.x loops."""
     with torch.no_grad():
-        return models.encode(list(prompts))
+        return models.encode(list(prompts)).hidden
 
 
 def predictions(models, x0, cond, timesteps, noise):

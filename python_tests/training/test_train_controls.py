@@ -82,7 +82,7 @@ def test_joint_loss_conditions_each_image_on_its_own_prompt(make_config):
     with torch.no_grad():
         per_image = []
         for b, prompt in enumerate(prompts):
-            cond = models.encode([prompt])
+            cond = models.encode([prompt]).hidden
             x_t = parts.noise_scheduler.add_noise(x0[b:b + 1], noise[b:b + 1], t[b:b + 1])
             pred = parts.unet(x_t, t[b:b + 1], encoder_hidden_states=cond).sample
             per_image.append((pred - training_target(parts.noise_scheduler, x0[b:b + 1], noise[b:b + 1], t[b:b + 1])).pow(2).mean())

@@ -26,7 +26,7 @@ import torch
 from dcfast.training.adapters import lora_parameters, lora_state
 from dcfast.training.objectives import denoise_loss
 from dcfast.training.settings import MethodSettings
-from dcfast.models.prompts import encode_prompts
+from dcfast.models.prompts import Conditions, encode_conditions
 from dcfast.training.tokens import ModifierToken
 
 
@@ -39,17 +39,26 @@ class Models:
     tokenizer: object
     noise_scheduler: object
     accelerator: object
-    token: Optional[ModifierToken] = None  # the current task's trainable token
+    token: Optional[ModifierToken] = None  # the current task's trainable token (its first text encoder's)
     progress: bool = True  # progress bars (this process's, on the local main process only): dcfast.train(progress=)
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder and tokenizer, else None
+    tokenizer_2: object = None
 
     @property
     def shows_progress(self) -> bool:
         """Whether this process draws progress bars: asked for, and the local main process."""
         return self.progress and self.accelerator.is_local_main_process
 
-    def encode(self, prompts: List[str]) -> torch.Tensor:
-        """(K, L, D) conditions; gradients reach the current token's embedding where it occurs."""
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+    def encode(self, prompts: List[str]) -> Conditions:
+        """K prompts' conditions (hidden (K, L, D); SDXL: and pooled (K, P)); gradients reach the current token's
+        embeddings where it occurs."""
+        return encode_conditions(self.text_encoder, self.tokenizer, prompts, text_encoder_2=self.text_encoder_2,
+                                 tokenizer_2=self.tokenizer_2)
+
+    def text_pairs(self) -> List[Tuple[object, torch.nn.Module]]:
+        """(tokenizer, text encoder) of each text encoder the U-Net reads: one, or SDXL's two."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        return pairs if self.text_encoder_2 is None else pairs + [(self.tokenizer_2, self.text_encoder_2)]
 
     def lora(self) -> Dict[str, torch.nn.Parameter]:
         return lora_parameters(self.unet)
@@ -93,6 +102,14 @@ class TaskData:
     # The optimizer step being taken (0-based within the task), set by the trainer before each step's losses: a
     # resumed run sets the same, so a method's per-step schedule (EWC-DC's dc_every) survives a resume.
     step: int = 0
+    # SDXL: each latent's size-and-crop time ids (N, 6), and those of the batch `loss(x0)` gets (set by the trainer
+    # with each batch: a random crop moves them); None for SD 1.x/2.x.
+    time_ids: Optional[torch.Tensor] = None
+    batch_time_ids: Optional[torch.Tensor] = None
+
+    def time_ids_of(self, ids) -> Optional[torch.Tensor]:
+        """The time ids of latents[ids] (None for SD 1.x/2.x)."""
+        return None if self.time_ids is None else self.time_ids[ids]
 
 
 LogParts = Callable[[Dict[str, float]], None]
@@ -122,7 +139,7 @@ class Method:
         """L_denoise on this batch under c_n."""
         cond = self.models.encode([self.task.prompt])[0]
         return denoise_loss(self.models.unet, self.models.noise_scheduler, x0, cond, self.task.generator,
-                            self.config.noise_offset)
+                            self.config.noise_offset, self.task.batch_time_ids)
 
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         loss = self.denoise(x0)

@@ -6,6 +6,10 @@
 LoRA factor of the run trains (`clora_scope`; "cross_kv": the cross-attention K/V only). The exported LoRA
 of task n stacks every task's factors, rank n*r: B_cat A_cat = sum_{i<=n} B_i A_i, so it loads as one
 diffusers LoRA on the base model.
+
+With adapter vera, B_n A_n is VeRA's update diag(lambda_b) B diag(lambda_d) A (the shared random A, B sliced to each
+layer), each task starts fresh vectors, and the export stacks diag(lambda_d) A and diag(lambda_b) B as LoRA factors
+(scale 1): a sum of VeRA updates is no VeRA adapter, but it is this exact LoRA.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from dcfast.training.adapters import ADAPTER, lora_layers, lora_state, train_cross_attention_kv_only
+from dcfast.training.adapters import (lora_factors, lora_layers, lora_parameters, lora_state, reset_lora,
+                                      train_cross_attention_kv_only, weight_delta)
 from dcfast.training.methods.base import Method, Models, TaskData
 from dcfast.training.settings import MethodSettings, setting
 
@@ -56,30 +61,23 @@ class CLoRA(Method):
         super().begin_task(task)
         if task.index > 1:  # retire the previous task's LoRA: merge it, then start a fresh one
             self._merge(lora_state(self.models.unet))
-            self._fresh_lora(self.config.seed * 1000 + task.index)
+            reset_lora(self.models.unet, self.config.seed * 1000 + task.index)
 
     @torch.no_grad()
     def _merge(self, state: Dict[str, torch.Tensor]) -> None:
         self.past.append(state)
         for name, layer in lora_layers(self.models.unet).items():
-            a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
-            delta = _delta(layer, a, b)
+            delta = weight_delta(name, layer, state)
             layer.base_layer.weight += delta.to(layer.base_layer.weight)
             self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta
-
-    def _fresh_lora(self, seed: int) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for layer in lora_layers(self.models.unet).values():
-                layer.reset_lora_parameters(ADAPTER, True)
 
     def penalty(self) -> torch.Tensor:
         """lambda * sum_layers ||W_past (.) (scaling B_n A_n)||^2; zero in the first task."""
         total = torch.zeros((), device=self.task.latents.device)
+        live = lora_parameters(self.models.unet)
         for name, layer in lora_layers(self.models.unet).items():
             if name in self.w_past:
-                delta = _delta(layer, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
-                total = total + (self.w_past[name] * delta).pow(2).sum()
+                total = total + (self.w_past[name] * weight_delta(name, layer, live)).pow(2).sum()
         return self.settings.clora_lambda * total
 
     def loss(self, x0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -98,17 +96,13 @@ class CLoRA(Method):
             self._merge({k[len(f"past.{i}."):]: v for k, v in state.items() if k.startswith(f"past.{i}.")})
 
     def export_lora(self) -> Tuple[Dict[str, torch.Tensor], int, int]:
-        loras = self.past + [lora_state(self.models.unet)]
+        """Every task's LoRA factors stacked (a VeRA state's as `lora_factors`), rank n*r, alpha n*alpha (VeRA: the
+        run's alpha is its rank, scale 1)."""
+        unet = self.models.unet
+        loras = [lora_factors(unet, state) for state in self.past + [lora_state(unet)]]
         stacked = {}
         for name in loras[0]:
             dim = 0 if ".lora_A." in name else 1  # A: (r, in) stacked on rows; B: (out, r) on columns
             stacked[name] = torch.cat([lora[name] for lora in loras], dim=dim)
         n = len(loras)
         return stacked, n * self.config.rank, n * self.config.resolved_lora_alpha()
-
-
-def _delta(layer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The weight update scaling * B A of a LoRA layer, shaped like its base weight: a convolution's factors
-    (r, C, kh, kw) and (O, r, 1, 1) multiply as matrices (r, C kh kw) and (O, r)."""
-    weight = layer.base_layer.weight
-    return (layer.scaling[ADAPTER] * (b.flatten(1) @ a.flatten(1))).view(weight.shape)

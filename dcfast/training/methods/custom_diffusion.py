@@ -4,7 +4,7 @@ consolidated between tasks.
 
 Kumari et al. fine-tune those projections' full weights; here they move through the run's LoRA on them (rank
 `rank`), so that every task state saves, loads, exports and is evaluated as every other method's. Every other LoRA
-factor stays where it starts (B = 0: the rest of the U-Net is the base model's). Their prior-preservation images
+factor stays where it starts (B = 0, or VeRA's lambda_b = 0: the rest of the U-Net is the base model's). Their prior-preservation images
 (real photos of the class) are left out: the setting keeps no data beside the task's own photos.
 """
 from __future__ import annotations

@@ -102,21 +102,23 @@ class Distiller:
         return 1 if self.settings.num_dc_concepts == 2 else 2
 
     def step_loss(self, task: TaskData, x0: torch.Tensor, m: int, timesteps: torch.Tensor, noise: torch.Tensor,
-                  temperature: float) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """L_DSC on one batch with T2 = pool[m] and (t, eps) pairs shared by all four evaluations."""
-        return self.student_loss(self.teacher_targets(task, x0, m, timesteps, noise, temperature), x0, timesteps,
-                                 noise, temperature)
+                  temperature: float, time_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """L_DSC on one batch with T2 = pool[m] and (t, eps) pairs shared by all four evaluations (SDXL: the
+        batch's `time_ids`)."""
+        return self.student_loss(self.teacher_targets(task, x0, m, timesteps, noise, temperature, time_ids=time_ids),
+                                 x0, timesteps, noise, temperature)
 
     @torch.no_grad()
     def teacher_targets(self, task: TaskData, x0: torch.Tensor, m: int, timesteps: torch.Tensor, noise: torch.Tensor,
-                        temperature: float, with_t1: bool = True) -> Dict[str, torch.Tensor]:
+                        temperature: float, with_t1: bool = True, time_ids: Optional[torch.Tensor] = None) -> Dict:
         """What the student matches for T2 = pool[m]: each teacher's DC log-probs over S and its noise prediction
         under its own concept (T1 under c_n, T2 under c_m); T1's are left out with `with_t1` False. The teachers
-        are swapped into the U-Net in place, so every teacher of a step is read before any student pass."""
+        are swapped into the U-Net in place, so every teacher of a step is read before any student pass. The
+        targets keep the conditions and the batch's (SDXL) time ids for the student's pass."""
         models, settings = self.models, self.settings
         unet, scheduler = models.unet, models.noise_scheduler
         conds = models.encode(self.concepts(task, m))
-        targets = {"conds": conds}
+        targets = {"conds": conds, "time_ids": time_ids}
         for name, lora, column in (("t1", self.teacher1, 0), ("t2", self.pool[m], self.m_column())):
             if name == "t1" and not with_t1:
                 continue
@@ -124,11 +126,12 @@ class Distiller:
                 if settings.dc_denoise_rows:  # eps read from the DC pass's own rows
                     targets[f"p_{name}"], (targets[f"eps_{name}"],) = dc_log_probs_and_rows(
                         unet, scheduler, x0, conds, timesteps, noise, temperature, (column,), settings.dc_loss,
-                        settings.dc_max_batch)
+                        settings.dc_max_batch, time_ids)
                 else:
                     targets[f"p_{name}"] = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature,
-                                                        settings.dc_loss, settings.dc_max_batch)
-                    targets[f"eps_{name}"] = predict_rows(unet, scheduler, x0, conds[column], timesteps, noise)
+                                                        settings.dc_loss, settings.dc_max_batch, time_ids)
+                    targets[f"eps_{name}"] = predict_rows(unet, scheduler, x0, conds[column], timesteps, noise,
+                                                          time_ids)
         return targets
 
     def student_loss(self, targets: Dict[str, torch.Tensor], x0: torch.Tensor, timesteps: torch.Tensor,
@@ -137,17 +140,18 @@ class Distiller:
         DC scores, ||eps_S - eps_T||^2 under each teacher's concept; the T1 terms where the targets hold T1."""
         models, settings = self.models, self.settings
         unet, scheduler = models.unet, models.noise_scheduler
-        conds = targets["conds"]
+        conds, time_ids = targets["conds"], targets["time_ids"]
         teachers = [("t1", 0)] if "p_t1" in targets else []
         teachers.append(("t2", self.m_column()))
         if settings.dc_denoise_rows:
             p_s, rows = dc_log_probs_and_rows(unet, scheduler, x0, conds, timesteps, noise, temperature,
                                               [column for _, column in teachers], settings.dc_loss,
-                                              settings.dc_max_batch)
+                                              settings.dc_max_batch, time_ids, checkpoint=settings.dc_checkpoint)
         else:
             p_s = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, settings.dc_loss,
-                               settings.dc_max_batch)
-            rows = [predict_rows(unet, scheduler, x0, conds[column], timesteps, noise) for _, column in teachers]
+                               settings.dc_max_batch, time_ids, checkpoint=settings.dc_checkpoint)
+            rows = [predict_rows(unet, scheduler, x0, conds[column], timesteps, noise, time_ids)
+                    for _, column in teachers]
         parts = {}
         for (name, _), eps_s in zip(teachers, rows):  # KL(p_T || p_S): the student matches each teacher's scores
             parts[f"dsc_kl_{name}"] = F.kl_div(p_s, targets[f"p_{name}"], log_target=True,
@@ -157,10 +161,12 @@ class Distiller:
         return loss, {k: v.item() for k, v in parts.items()}
 
     def mean_loss(self, task: TaskData, x0: torch.Tensor, teachers: List[int], timesteps: torch.Tensor,
-                  noise: torch.Tensor, temperature: float, with_t1: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
+                  noise: torch.Tensor, temperature: float, with_t1: bool = True,
+                  time_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """L_DSC averaged over the T2 teachers pool[m], m in `teachers`, one (t, eps) draw for all (without the
         T1 terms when `with_t1` is False), and its parts. Every teacher is read before any student pass."""
-        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1) for m in teachers]
+        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1, time_ids)
+                   for m in teachers]
         return self.mean_student_loss(targets, x0, timesteps, noise, temperature)
 
     def mean_student_loss(self, targets: List[Dict[str, torch.Tensor]], x0: torch.Tensor, timesteps: torch.Tensor,
@@ -202,10 +208,12 @@ class Distiller:
         for _ in tqdm(range(settings.dsc_iterations), desc=f"task {task.index} DSC distillation", leave=False,
                       disable=not models.shows_progress):
             teachers = self.draw_teachers(task)
-            x0 = task.latents[torch.randint(task.latents.shape[0], (batch,), generator=task.generator)]
+            ids = torch.randint(task.latents.shape[0], (batch,), generator=task.generator)
+            x0 = task.latents[ids]
             timesteps, noise = random_pairs(models.noise_scheduler, x0, settings.num_dc_timesteps, task.generator)
             with accelerator.autocast():
-                loss, logs = self.mean_loss(task, x0, teachers, timesteps, noise, temperature)
+                loss, logs = self.mean_loss(task, x0, teachers, timesteps, noise, temperature,
+                                            time_ids=task.time_ids_of(ids))
                 logs["dsc_loss"] = loss.item()
                 if penalty is not None:
                     extra = penalty()
@@ -230,7 +238,8 @@ class Distiller:
             return None
         teachers = self.draw_teachers(task)
         timesteps, noise = random_pairs(self.models.noise_scheduler, x0, self.settings.num_dc_timesteps, task.generator)
-        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1=False) for m in teachers]
+        targets = [self.teacher_targets(task, x0, m, timesteps, noise, temperature, with_t1=False,
+                                        time_ids=task.batch_time_ids) for m in teachers]
         return targets, timesteps, noise
 
     def with_interleaved(self, pending: Optional[tuple], x0: torch.Tensor, temperature: float, loss: torch.Tensor,

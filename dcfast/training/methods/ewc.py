@@ -91,7 +91,8 @@ class EWC(Method):
         def losses(ids: List[int]) -> torch.Tensor:
             x0 = task.latents[ids]
             t, noise = fisher_pairs(models.noise_scheduler, x0, ids, self.settings.fisher_num_timesteps, task.seed)
-            return per_sample_denoise_losses(models.unet, models.noise_scheduler, x0, cond, t, noise)
+            return per_sample_denoise_losses(models.unet, models.noise_scheduler, x0, cond, t, noise,
+                                             task.time_ids_of(ids))
 
         return FisherObjective(losses)
 

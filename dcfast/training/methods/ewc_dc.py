@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from dcfast.engine.scores import dc_scores
+from dcfast.models.prompts import Conditions
 from dcfast.training.methods.base import LogParts, TaskData
 from dcfast.training.methods.ewc import EWC, EWCSettings, FisherObjective
 from dcfast.training.objectives import (dc_log_probs, dc_log_probs_and_rows, dc_term, fisher_pairs, random_pairs,
@@ -52,9 +53,17 @@ class DCScoreSettings(MethodSettings):
     # c_n (and c_m) instead of separate U-Net calls: the same (t, eps) pairs, no extra U-Net rows per step. EWC-DC's
     # denoising loss then averages num_dc_timesteps pairs per image instead of one, without offset noise.
     dc_denoise_rows: bool = False
+    # The training step's DC pass keeps no chunk's U-Net activations: each chunk of dc_max_batch rows is recomputed
+    # in the backward (torch checkpoint), one more forward for a peak of one chunk instead of all k*T rows per image.
+    # Off on the tiny model (nothing to save); at SD scale a 17-row EWC-DC step does not fit a 24 GB CPU without it.
+    dc_checkpoint: bool = False
 
     def problems(self, config) -> List[str]:
         found = super().problems(config)
+        if self.dc_checkpoint is True and self.dc_max_batch is None:
+            found.append("dc_checkpoint: bounds the DC step's memory by the chunk size, dc_max_batch, which is unset "
+                         "(autotuned for speed on the CPU, the whole pass on a GPU); set dc_max_batch, e.g. to "
+                         "num_dc_concepts")
         if self.temperature != "auto" and (not is_number(self.temperature) or self.temperature <= 0):
             found.append(f"temperature: must be a number > 0 or 'auto', got {self.temperature!r}")
         if self.dc_denoise_rows is True and is_number(config.noise_offset) and config.noise_offset > 0:
@@ -120,8 +129,8 @@ def measure_temperature(settings: DCScoreSettings, models, task: TaskData) -> fl
     conds = models.encode(ewc_dc_concepts(task, settings.num_dc_concepts, None))
     latents, scheduler = task.latents, models.noise_scheduler
     t, noise = fisher_pairs(scheduler, latents, range(latents.shape[0]), settings.num_dc_timesteps, task.seed)
-    err = dc_scores(models.unet, scheduler, latents, conds, timesteps=t, noise=noise, loss=settings.dc_loss,
-                    max_batch=settings.dc_max_batch)
+    err = dc_scores(models.unet, scheduler, latents, conds.hidden, timesteps=t, noise=noise, loss=settings.dc_loss,
+                    max_batch=settings.dc_max_batch, **conds.engine_kwargs(task.time_ids))
     return settings.auto_temperature_scale * temperature_from_errors(err)
 
 
@@ -138,11 +147,12 @@ class EWCDC(EWC):
     def concepts(self, task: TaskData, generator: Optional[torch.Generator]) -> List[str]:
         return ewc_dc_concepts(task, self.settings.num_dc_concepts, generator)
 
-    def dc_loss(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The DC term for conditions `conds` (K, L, D) ordered [c_n, c_0, earlier ...]."""
+    def dc_loss(self, x0: torch.Tensor, conds: Conditions, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The DC term for conditions `conds` (K, L, D) ordered [c_n, c_0, earlier ...] on this step's batch."""
         models, settings = self.models, self.settings
         log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
-                                 self.temperature, settings.dc_loss, settings.dc_max_batch)
+                                 self.temperature, settings.dc_loss, settings.dc_max_batch, self.task.batch_time_ids,
+                                 checkpoint=settings.dc_checkpoint)
         return self.term(log_probs)
 
     def term(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -150,12 +160,13 @@ class EWCDC(EWC):
         settings = self.settings
         return dc_term(log_probs, settings.dc_push, settings.dc_label_smoothing, settings.dc_c0_weight).float()
 
-    def denoise_and_dc(self, x0: torch.Tensor, conds: torch.Tensor, timesteps: torch.Tensor,
+    def denoise_and_dc(self, x0: torch.Tensor, conds: Conditions, timesteps: torch.Tensor,
                        noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """dc_denoise_rows: (L_denoise over the DC pass's own c_n rows, the DC term), one U-Net pass for both."""
         models, settings = self.models, self.settings
         log_probs, (rows,) = dc_log_probs_and_rows(models.unet, models.noise_scheduler, x0, conds, timesteps, noise,
-                                                   self.temperature, (0,), settings.dc_loss, settings.dc_max_batch)
+                                                   self.temperature, (0,), settings.dc_loss, settings.dc_max_batch,
+                                                   self.task.batch_time_ids, checkpoint=settings.dc_checkpoint)
         denoise = rows_denoise_loss(models.noise_scheduler, x0, timesteps, noise, rows)
         return denoise, self.term(log_probs)
 
@@ -190,7 +201,7 @@ class EWCDC(EWC):
             t, noise = fisher_pairs(models.noise_scheduler, x0, ids, settings.fisher_num_timesteps, task.seed)
             rows = len(ids) * conds.shape[0] * t.shape[1]  # unchunked: one forward holds every sample's rows
             log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, t, noise,
-                                     self.temperature, settings.dc_loss, max_batch=rows)
+                                     self.temperature, settings.dc_loss, max_batch=rows, time_ids=task.time_ids_of(ids))
             return -log_probs[:, 0]
 
         every, size = list(range(task.latents.shape[0])), settings.fisher_batch_size

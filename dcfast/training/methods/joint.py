@@ -21,5 +21,5 @@ class JointTraining(Method):
         unique = list(dict.fromkeys(prompts))
         conds = self.models.encode(unique)[torch.tensor([unique.index(p) for p in prompts])]
         loss = denoise_loss(self.models.unet, self.models.noise_scheduler, x0, conds, self.task.generator,
-                            self.config.noise_offset)
+                            self.config.noise_offset, self.task.batch_time_ids)
         return loss, {"denoise": loss.item()}
