@@ -97,11 +97,10 @@ def _categorise(unet, flops: Dict[str, float]) -> Dict[str, float]:
 
 
 def sd15_meta_unet():
-    """SD 1.5's UNet2DConditionModel config on the meta device (no weights, no memory)."""
-    from diffusers import UNet2DConditionModel
+    """SD 1.5's UNet2DConditionModel (`dcfast.models.architectures`) on the meta device (no weights, no memory)."""
+    from dcfast.models.architectures import build_unet
 
-    with torch.device("meta"):
-        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+    return build_unet("sd15", device="meta")
 
 
 def shares_table(sizes=(8, 16, 32, 64)):

@@ -9,6 +9,8 @@ The (k, T) grid trains k - 1 tasks (at least 2), so that S holds k concepts in t
 without `dc_denoise_rows` (the denoising loss from the DC pass's own c_n rows); each grid row is compared
 with LoRA trained on the same tasks. Runs follow one another: on a shared machine the ratios carry the
 load's drift between runs (the step medians of one run do not).
+
+`--arch sd15` measures a real architecture instead: `dcfast.bench.train_arch`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from dcfast.bench.common import environment, format_table
 from dcfast.training.config import TrainConfig
@@ -67,8 +69,18 @@ def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dic
     return rows
 
 
-def run(quick: bool = False, device: str = "cpu") -> Dict[str, object]:
-    """Train every method on two tiny tasks, then the EWC-DC (k, T) grid; print and return step times vs `lora`."""
+def run(quick: bool = False, device: str = "cpu", arch: str = "tiny",
+        latent_size: Optional[int] = None) -> Dict[str, object]:
+    """Train every method on two tiny tasks, then the EWC-DC (k, T) grid; print and return step times vs `lora`.
+
+    `arch` other than "tiny": one step of lora, ewc-dc and dsc on that real architecture instead
+    (`dcfast.bench.train_arch`, at `latent_size`)."""
+    if arch != "tiny":
+        from dcfast.bench.train_arch import run as run_arch
+
+        return run_arch(arch, quick=quick, device=device, latent_size=latent_size)
+    if latent_size is not None:
+        raise ValueError("--latent_size: the tiny model trains at its own size; it applies to --arch sd15")
     if device != "cpu":
         raise ValueError("dcfast bench train runs the tiny model on the CPU; use --device cpu")
     steps = 4 if quick else 12

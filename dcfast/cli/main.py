@@ -12,6 +12,7 @@ from dcfast.cli import demo as cli_demo
 from dcfast.cli import eval as cli_eval
 from dcfast.cli import export as cli_export
 from dcfast.cli import train as cli_train
+from dcfast.models.architectures import ARCHITECTURES
 from dcfast.training.config import ADAPTERS
 
 # target -> (module with run(quick=, device=, ...), the summary keys of its closing line)
@@ -41,6 +42,13 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--adapter", default=None, choices=ADAPTERS,
                        help="methods: the U-Net adapter every method's runs train, lora or vera (VeRA: frozen shared "
                             "random matrices, trained vectors; default: the regime's, lora)")
+    bench.add_argument("--arch", default="tiny", choices=["tiny", *ARCHITECTURES],
+                       help="train: the model whose step costs are measured: tiny (every method on the tiny model "
+                            "built in code, the default) or a real architecture built in code with random weights "
+                            "(lora, ewc-dc and dsc: seconds and peak memory of one step, each in its own process; "
+                            "minutes with --quick, about an hour at full size on 2 cores)")
+    bench.add_argument("--latent_size", type=int, default=None, metavar="N",
+                       help="train --arch other than tiny: latent side (default: the architecture's, 32 with --quick)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods and world: a world test sequence to run, repeatable (methods' default: "
                             "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
@@ -60,6 +68,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         extra.update(methods=args.method, adapter=args.adapter)
     elif args.adapter is not None:
         raise ValueError(f"--adapter: only `dcfast bench methods` reads it, not {args.target!r}")
+    if args.target == "train":
+        extra.update(arch=args.arch, latent_size=args.latent_size)
+    elif args.arch != "tiny" or args.latent_size is not None:
+        raise ValueError(f"--arch, --latent_size: only `dcfast bench train` reads them, not {args.target!r}")
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.io.atomic import write_json_atomic
