@@ -14,10 +14,10 @@ step). What a step is, per method (the `path` column says which, `rows` how many
              `dc_log_probs`, whose graph spans all k*T rows at once (`ewc_dc_bounded_step`).
     dsc      one distillation iteration, `Distiller.distill` with one iteration (teachers, student, AdamW), its U-Net
              calls with grad checkpointed in pieces of CHUNK_ROWS rows (`CheckpointedCalls`; the DC engine's chunks
-             the same): the student's DC scores and noise predictions hold one graph over k*T + 2T rows. With
-             diffusers' per-block gradient checkpointing instead (which the trainer turns off for consolidation)
-             the step peaked at 10.6 GB at 32x32 latents, 6.4 GB above the model: about four times that at 64x64,
-             over this machine's memory.
+             the same; glibc's mmap threshold fixed, WORKER_ENV): the student's DC scores and noise predictions
+             hold one graph over k*T + 2T rows. With diffusers' per-block gradient checkpointing instead (which the
+             trainer turns off for consolidation) the step peaked at 10.6 GB at 32x32 latents, 6.4 GB above the
+             model: about four times that at 64x64, over this machine's memory.
 
 The tokenizer is dcfast's tiny CLIP tokenizer (prompts padded to 77 tokens, as SD's): the vocabulary changes no
 cost. Every worker caps its data segment at MEMORY_CAP_GB, so a path that needs more fails with an allocation
@@ -50,6 +50,10 @@ MEMORY_CAP_GB = 16.0  # each worker's data segment (RLIMIT_DATA): the shared 24 
 # CheckpointedCalls' pieces): one, the least memory. A 64x64 row holds ~1.9 GB of graph; with 2-row pieces dsc's
 # 32x32 step peaked 3.6 GB above the model, which scaled by the latents' area would near the cap at 64x64.
 CHUNK_ROWS = 1
+# Environment of a method's worker. dsc: glibc's malloc serves every block of 256 KiB or more by mmap, returned on
+# free. With its default (a threshold that rises with freed blocks) the checkpointed forward grew the heap by about
+# half a graph per row though torch held one row's activations (profiler), and the 64x64 step passed the cap.
+WORKER_ENV = {"dsc": {"MALLOC_MMAP_THRESHOLD_": "262144"}}
 MAX_STEPS, STEP_BUDGET_S = 3, 120.0  # full runs time steps until 3 are done or 120 s have passed (at least one)
 TEMPERATURE = 1e-3  # on the auto temperature's scale (ewc_dc.DCScoreSettings); no step's cost depends on it
 WORDS = ("mug", "cat", "dog")  # the three tasks' class words; the timed task is the last
@@ -265,7 +269,7 @@ def _setup(method_name: str, arch_name: str, size: int,
 PATHS = {
     "lora": "Method.loss + backward + AdamW",
     "ewc-dc": f"denoise + penalty + DC term via dc_loss_backward, {CHUNK_ROWS}-row chunks",
-    "dsc": f"Distiller.distill, 1 iteration, U-Net calls checkpointed in {CHUNK_ROWS}-row pieces",
+    "dsc": f"Distiller.distill, 1 iteration, U-Net calls checkpointed in {CHUNK_ROWS}-row pieces, mmap threshold",
 }
 
 
@@ -297,13 +301,14 @@ def measure(method: str, arch: str, size: int, quick: bool) -> Dict[str, object]
 # ------------------------------------------------------------------------------------------------------
 
 def _run_worker(method: str, arch: str, size: int, quick: bool) -> Dict[str, object]:
-    """`measure` in a fresh Python process with this process's torch threads; a failed one's row says why."""
+    """`measure` in a fresh Python process with this process's torch threads and the method's WORKER_ENV; a failed
+    one's row says why."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "row.json"
         spec = {"method": method, "arch": arch, "size": size, "quick": quick, "threads": torch.get_num_threads(),
                 "out": str(out)}
         done = subprocess.run([sys.executable, "-m", "dcfast.bench.train_arch", json.dumps(spec)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env={**os.environ, **WORKER_ENV.get(method, {})})
         if done.returncode == 0 and out.is_file():
             return json.loads(out.read_text())
     lines = [line for line in done.stderr.splitlines() if line.strip()]
