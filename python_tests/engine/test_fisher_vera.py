@@ -41,6 +41,12 @@ def vectors(unet):
     return [n for n, p in unet.named_parameters() if ".vera_lambda_" in n]
 
 
+# float32: the hook sums its per-sample products in another order than autograd's backward, and each vector entry's
+# gradient is a sum over tokens of terms of both signs, so the rounding is relative to the terms, not to the sum:
+# 1.02e-5 of an entry's scale was seen under ATEN_CPU_CAPABILITY=default (1e-6 on avx512). Float64 checks exactness.
+FLOAT32_TOL = 5e-5
+
+
 def assert_close_per_parameter(got, want, tol):
     """Each parameter's Fisher within `tol` of the reference, relative to that parameter's own scale; and no
     reference is zero (a zero gradient would make the comparison empty)."""
@@ -99,7 +105,7 @@ def test_denoising_matches_the_per_sample_loop(unet, denoise):
     with acc.track(num_samples=3):
         denoise_losses(unet, *samples).sum().backward()
     unet.zero_grad(set_to_none=True)
-    assert_close_per_parameter(acc.fisher, want, 1e-5)
+    assert_close_per_parameter(acc.fisher, want, FLOAT32_TOL)
     assert acc.samples_seen == 3
 
 
@@ -132,7 +138,7 @@ def test_mean_reduced_loss_and_a_subset(unet, denoise):
         denoise_losses(unet, *samples).mean().backward()
     unet.zero_grad(set_to_none=True)
     assert list(acc.fisher) == only_b
-    assert_close_per_parameter(acc.fisher, {n: want[n] for n in only_b}, 1e-5)
+    assert_close_per_parameter(acc.fisher, {n: want[n] for n in only_b}, FLOAT32_TOL)
 
 
 # -- the DC loss: K*T U-Net rows per image, chunks that split images -------------------------------
