@@ -25,9 +25,6 @@ class Conditions:
     def __getitem__(self, index) -> "Conditions":
         return Conditions(self.hidden[index], None if self.pooled is None else self.pooled[index])
 
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
     @property
     def shape(self) -> torch.Size:
         return self.hidden.shape
@@ -65,14 +62,18 @@ def as_conditions(cond) -> Conditions:
     return cond if isinstance(cond, Conditions) else Conditions(cond)
 
 
+def _token_ids(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """The prompts' token ids padded to the tokenizer's model_max_length, on the text encoder's device."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(text_encoder.get_input_embeddings().weight.device)
+
+
 def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Encoder hidden states (K, L, D) of K prompts, padded to the tokenizer's model_max_length, in `dtype`
     (default float32, like the latents: a text encoder cast to fp16/bf16 under mixed precision gives its own
     dtype, and autocast casts again). Gradients reach a trainable token embedding where it occurs."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    device = text_encoder.get_input_embeddings().weight.device
-    return text_encoder(ids.to(device))[0].to(dtype or torch.float32)
+    return text_encoder(_token_ids(text_encoder, tokenizer, prompts))[0].to(dtype or torch.float32)
 
 
 def encode_conditions(text_encoder, tokenizer, prompts: Sequence[str], dtype: Optional[torch.dtype] = None,
@@ -83,9 +84,7 @@ def encode_conditions(text_encoder, tokenizer, prompts: Sequence[str], dtype: Op
         return Conditions(encode_prompts(text_encoder, tokenizer, prompts, dtype))
     hidden = []
     for encoder, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)):
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        out = encoder(ids.to(encoder.get_input_embeddings().weight.device), output_hidden_states=True)
+        out = encoder(_token_ids(encoder, tok, prompts), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     dtype = dtype or torch.float32
     return Conditions(torch.cat(hidden, dim=-1).to(dtype), out[0].to(dtype))

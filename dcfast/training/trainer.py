@@ -319,8 +319,8 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
             uncropped += load_resized(task.images, resolution, field_name)
     latents = torch.cat(latents)
     uncropped = uncropped or None
-    time_ids = (torch.stack([sdxl_time_ids(g[:2], center_offsets(g[2], g[3], resolution), (resolution, resolution))
-                             for g in geometry]).to(latents.device) if geometry else None)
+    time_ids = (_time_ids(geometry, [center_offsets(g[2], g[3], resolution) for g in geometry], resolution,
+                          latents.device) if geometry else None)
     generators = {"local": _generator(config.seed, n, 1 + accelerator.process_index),
                   "shared": _generator(config.seed, n, 0)}
     last = phase[-1]
@@ -374,17 +374,16 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
         for _ in range(config.gradient_accumulation_steps):
             batch = torch.randint(latents.shape[0], (config.train_batch_size,), generator=generators["local"])
             if uncropped is None:
-                x0 = latents[batch.to(latents.device)]
-                data.batch_time_ids = data.time_ids_of(batch.to(latents.device))
+                rows = batch.to(latents.device)
+                x0, data.batch_time_ids = latents[rows], data.time_ids_of(rows)
             else:
                 offsets = []
                 pixels = augment([uncropped[i] for i in batch.tolist()], resolution, generators["local"],
                                  center_crop=config.center_crop, random_flip=config.random_flip, offsets=offsets)
                 x0 = _encode_images(components, pixels.to(accelerator.device))
                 if time_ids is not None:  # the crop moved: SDXL's crop ids follow it
-                    data.batch_time_ids = torch.stack([
-                        sdxl_time_ids(geometry[i][:2], offset, (resolution, resolution))
-                        for i, offset in zip(batch.tolist(), offsets)]).to(latents.device)
+                    data.batch_time_ids = _time_ids([geometry[i] for i in batch.tolist()], offsets, resolution,
+                                                    latents.device)
             with accelerator.autocast():
                 loss, logs = (method.loss(x0) if data.image_prompts is None
                               else method.loss(x0, [data.image_prompts[i] for i in batch.tolist()]))
@@ -449,6 +448,12 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                 _evaluate_task(config, task.index, accelerator.device)
     accelerator.wait_for_everyone()
     return {"task": n, **metrics}
+
+
+def _time_ids(geometry: List[tuple], offsets: List[tuple], resolution: int, device: torch.device) -> torch.Tensor:
+    """SDXL's time ids (N, 6) of images of `geometry` (`crop_geometry` rows) cropped at `offsets` to R x R."""
+    return torch.stack([sdxl_time_ids(g[:2], offset, (resolution, resolution))
+                        for g, offset in zip(geometry, offsets)]).to(device)
 
 
 def _distance(after: Dict[str, torch.Tensor], before: Dict[str, torch.Tensor]) -> float:

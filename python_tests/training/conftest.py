@@ -32,17 +32,23 @@ def concepts(tmp_path_factory):
     return {word: write_shape_images(root / word, colour) for word, colour in COLOURS.items()}
 
 
+def tiny_config(model_dir, concepts, method: str = "lora", words=("dog", "mug"), **fields) -> TrainConfig:
+    """A tiny, fast TrainConfig of `method` on the model in `model_dir`, one task per word of `concepts`; `fields`
+    (output_dir among them) override."""
+    values = dict(pretrained_model_name_or_path=str(model_dir), method=method,
+                  tasks=[{"images": str(concepts[w]), "class_word": w} for w in words],
+                  max_train_steps=2, train_batch_size=2, checkpointing_steps=100, learning_rate=1e-3)
+    own = TrainConfig(method=method).flat()  # the fast settings below, where the method reads them
+    values.update({k: v for k, v in FAST_SETTINGS.items() if k in own})
+    values.update(fields)
+    return TrainConfig.from_dict(values)
+
+
 @pytest.fixture
 def make_config(model_dir, concepts, tmp_path):
     """make_config(method, words=("dog", "mug"), **fields) -> a tiny, fast TrainConfig."""
 
     def build(method: str = "lora", words=("dog", "mug"), **fields) -> TrainConfig:
-        values = dict(pretrained_model_name_or_path=str(model_dir), output_dir=str(tmp_path / "run"), method=method,
-                      tasks=[{"images": str(concepts[w]), "class_word": w} for w in words],
-                      max_train_steps=2, train_batch_size=2, checkpointing_steps=100, learning_rate=1e-3)
-        own = TrainConfig(method=method).flat()  # the fast settings below, where the method reads them
-        values.update({k: v for k, v in FAST_SETTINGS.items() if k in own})
-        values.update(fields)
-        return TrainConfig.from_dict(values)
+        return tiny_config(model_dir, concepts, method, words, **{"output_dir": str(tmp_path / "run"), **fields})
 
     return build

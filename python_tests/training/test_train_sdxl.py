@@ -10,11 +10,10 @@ from dcfast.io.images import write_shape_images
 from dcfast.io.runs import Run
 from dcfast.models.loading import check_model_dir, model_kind
 from dcfast.models.tiny import tiny_xl
-from dcfast.training.config import TrainConfig
 from dcfast.training.methods import METHODS
 from dcfast.training.trainer import train
 
-from conftest import FAST_SETTINGS
+from conftest import tiny_config
 
 # 24 x 18 photos at resolution 16: resized to 21 x 16, centre crop at left (21 - 16) // 2 = 2
 PHOTO = (24, 18)  # (width, height)
@@ -34,13 +33,7 @@ def photos(tmp_path_factory):
 
 
 def xl_config(xl_dir, photos, out, method="lora", **fields):
-    values = dict(pretrained_model_name_or_path=str(xl_dir), output_dir=str(out), method=method,
-                  tasks=[{"images": str(photos[w]), "class_word": w} for w in ("dog", "mug")],
-                  max_train_steps=2, train_batch_size=2, checkpointing_steps=100, learning_rate=1e-3)
-    own = TrainConfig(method=method).flat()
-    values.update({k: v for k, v in FAST_SETTINGS.items() if k in own})
-    values.update(fields)
-    return TrainConfig.from_dict(values)
+    return tiny_config(xl_dir, photos, method, output_dir=str(out), **fields)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
