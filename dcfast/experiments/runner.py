@@ -206,8 +206,9 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
     """Train one method on the tasks, evaluate every task state, write its report.
 
     `reuse`: a finished run already in `run_dir` with the same training and evaluation settings is
-    returned as it is, and one with the same training but other evaluation settings is evaluated again
-    without training (a killed benchmark resumes without redoing its finished runs).
+    returned as it is, one with the same training but other evaluation settings is evaluated again without
+    training, and an unfinished one with the same training is resumed from its last checkpoint (a killed benchmark
+    resumes without redoing its finished runs or tasks).
     Returns {"method", "run_dir", "summary" (the evaluation's, plus train_seconds), "report" paths}.
     """
     from dcfast.eval.evaluation import evaluate
@@ -234,11 +235,16 @@ def run_method(config: DemoConfig, method: str, tasks: List[Dict[str, str]], run
                              f"({', '.join(differences)}); remove that folder, or give the benchmark another "
                              f"--output_dir, to train it anew")
         (Path(run_dir) / EVAL_DIR / METRICS_FILE).unlink(missing_ok=True)  # an older run's: never reused after this
-        log(f"[{method}] training {len(tasks)} tasks x {train_settings.max_train_steps} steps -> {run_dir}")
+        resumed = differences == []  # the same run, killed before its end: continued from its last checkpoint
+        if resumed:
+            train_settings = dataclasses.replace(train_settings, resume_from_checkpoint="latest")
+        log(f"[{method}] {'resuming' if resumed else 'training'} {len(tasks)} tasks x "
+            f"{train_settings.max_train_steps} steps -> {run_dir}")
         started = time.perf_counter()
         train(train_settings, progress=config.progress)
-        train_seconds = time.perf_counter() - started
-        log(f"[{method}] trained in {train_seconds:.0f} s; evaluating every task state")
+        # a resumed run's wall time here misses its earlier part: evaluate sums the tasks' recorded seconds instead
+        train_seconds = None if resumed else time.perf_counter() - started
+        log(f"[{method}] trained in {time.perf_counter() - started:.0f} s; evaluating every task state")
     result = evaluate(run_dir, num_images=config.num_images, config=eval_config, method=method)
     if train_seconds is not None:
         result.summary["train_seconds"] = train_seconds  # wall time of dcfast.train, measured here

@@ -300,6 +300,31 @@ def test_bench_methods_paired_verdicts_need_every_seed_and_the_spread():
     assert one_seed["c"]["fidelity_forgetting"]["verdict"] == "no difference beyond the seed spread"
 
 
+def test_run_method_resumes_a_killed_run_of_the_same_settings(tiny_model_dir, tmp_path):
+    """A benchmark killed inside a run continues it from its last finished task instead of refusing the folder."""
+    import shutil
+
+    from dcfast.experiments import runner as demo
+
+    config = DemoConfig(output_dir=str(tmp_path / "d"), num_tasks=2, max_train_steps=1, num_train_images=2,
+                        num_eval_images=2, num_images=2, num_inference_steps=2, fidelity_images=2,
+                        base_model=tiny_model_dir, progress=False)
+    tasks = demo.write_concepts(config)
+    run_dir = tmp_path / "d" / "lora"
+    demo.run_method(config, "lora", tasks, str(run_dir), log=lambda line: None, reuse=True)
+    first_task = (run_dir / "task_1" / "metrics.json").read_text()
+    shutil.rmtree(run_dir / "task_2")  # killed during task 2: task 1 written, task 2 and the evaluation not
+    (run_dir / "eval" / "metrics.json").unlink()
+    lines = []
+    resumed = demo.run_method(config, "lora", tasks, str(run_dir), log=lines.append, reuse=True)
+    assert any(line.startswith("[lora] resuming 2 tasks") for line in lines), lines
+    assert (run_dir / "task_1" / "metrics.json").read_text() == first_task  # restored, not trained again
+    assert (run_dir / "task_2" / "metrics.json").is_file()
+    assert resumed["summary"]["train_seconds"] > 0  # the tasks' recorded seconds
+    assert demo.finished_summary(str(run_dir), demo.train_config(config, "lora", tasks, str(run_dir)),
+                                 demo.evaluation_config(config)) == resumed["summary"]
+
+
 def test_bench_methods_refuses_bad_requests_before_any_run(tmp_path):
     from dcfast.experiments import bench_methods as methods
 
