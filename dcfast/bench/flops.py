@@ -14,7 +14,7 @@ Categories (a module can sit in two: the prefix holds a convolution and a self-a
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -23,6 +23,15 @@ def _attention_modules(unet):
     from diffusers.models.attention_processor import Attention
 
     return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
+
+
+def _added_conditions(config, device, dtype) -> Optional[Dict[str, torch.Tensor]]:
+    """Zero pooled text embedding and time ids for an SDXL ("text_time") U-Net's one row, else None."""
+    if config.addition_embed_type != "text_time":
+        return None
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {"text_embeds": torch.zeros(1, pooled, device=device, dtype=dtype),
+            "time_ids": torch.zeros(1, 6, device=device, dtype=dtype)}
 
 
 def row_flops(unet, size: int, tokens: int) -> Dict[str, float]:
@@ -67,11 +76,32 @@ def row_flops(unet, size: int, tokens: int) -> Dict[str, float]:
         with torch.no_grad():
             unet(torch.zeros(1, config.in_channels, size, size, device=device, dtype=dtype),
                  torch.tensor([500], device=device),
-                 encoder_hidden_states=torch.zeros(1, tokens, config.cross_attention_dim, device=device, dtype=dtype))
+                 encoder_hidden_states=torch.zeros(1, tokens, config.cross_attention_dim, device=device, dtype=dtype),
+                 added_cond_kwargs=_added_conditions(config, device, dtype))
     finally:
         for handle in handles:
             handle.remove()
     return _categorise(unet, flops)
+
+
+def text_flops(encoder, tokens: int) -> float:
+    """FLOPs of one prompt of `tokens` tokens through a CLIP text encoder: its linear layers (hooks, as `row_flops`)
+    and each layer's two attention matmuls, 4 * tokens^2 * hidden. Every layer runs, also where the U-Net reads an
+    earlier one's states (SDXL's penultimate)."""
+    total = [0.0]
+
+    def hook(module, args, output):
+        total[0] += 2.0 * args[0].numel() // module.in_features * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, tokens, dtype=torch.long, device=next(encoder.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    config = encoder.config
+    return total[0] + 4.0 * tokens * tokens * config.hidden_size * config.num_hidden_layers
 
 
 def _categorise(unet, flops: Dict[str, float]) -> Dict[str, float]:

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from dcfast.bench.common import environment, format_table
 from dcfast.training.config import TrainConfig
@@ -69,18 +69,21 @@ def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dic
     return rows
 
 
-def run(quick: bool = False, device: str = "cpu", arch: str = "tiny",
-        latent_size: Optional[int] = None) -> Dict[str, object]:
+def run(quick: bool = False, device: str = "cpu", arch: str = "tiny", latent_size: Optional[int] = None,
+        methods: Optional[Sequence[str]] = None, mixed_precision: Optional[str] = None) -> Dict[str, object]:
     """Train every method on two tiny tasks, then the EWC-DC (k, T) grid; print and return step times vs `lora`.
 
-    `arch` other than "tiny": one step of lora, ewc-dc and dsc on that real architecture instead
-    (`dcfast.bench.train_arch`, at `latent_size`)."""
+    `arch` other than "tiny": one step of lora, ewc-dc and dsc (or `methods` of them) on that real architecture
+    instead (`dcfast.bench.train_arch`, at `latent_size` and `mixed_precision`)."""
     if arch != "tiny":
         from dcfast.bench.train_arch import run as run_arch
 
-        return run_arch(arch, quick=quick, device=device, latent_size=latent_size)
-    if latent_size is not None:
-        raise ValueError("--latent_size: the tiny model trains at its own size; it applies to --arch sd15")
+        return run_arch(arch, quick=quick, device=device, latent_size=latent_size, methods=methods,
+                        mixed_precision=mixed_precision)
+    for name, value in (("--latent_size", latent_size), ("--method", methods), ("--mixed_precision", mixed_precision)):
+        if value is not None:
+            raise ValueError(f"{name}: the tiny model's bench trains every method at its own size and precision; "
+                             f"{name} applies to --arch sd15 or sdxl")
     if device != "cpu":
         raise ValueError("dcfast bench train runs the tiny model on the CPU; use --device cpu")
     steps = 4 if quick else 12

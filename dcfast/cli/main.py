@@ -38,7 +38,8 @@ def _add_bench(subparsers) -> None:
                        help="methods and world: runs at once, each in its own process with one torch thread "
                             "(default: methods 2 on a machine with 2+ cores, else 1; world 3, a seed's three runs)")
     bench.add_argument("--method", action="append", default=None, metavar="NAME",
-                       help="methods: a method to run, repeatable (default: all six)")
+                       help="methods: a method to run, repeatable (default: all six); train --arch other than "
+                            "tiny: lora, ewc-dc or dsc (default: all three)")
     bench.add_argument("--adapter", default=None, choices=ADAPTERS,
                        help="methods: the U-Net adapter every method's runs train, lora or vera (VeRA: frozen shared "
                             "random matrices, trained vectors; default: the regime's, lora)")
@@ -46,9 +47,13 @@ def _add_bench(subparsers) -> None:
                        help="train: the model whose step costs are measured: tiny (every method on the tiny model "
                             "built in code, the default) or a real architecture built in code with random weights "
                             "(lora, ewc-dc and dsc: seconds and peak memory of one step, each in its own process; "
-                            "minutes with --quick, about an hour at full size on 2 cores)")
+                            "minutes with --quick, about an hour for sd15 at full size on 2 cores)")
     bench.add_argument("--latent_size", type=int, default=None, metavar="N",
                        help="train --arch other than tiny: latent side (default: the architecture's, 32 with --quick)")
+    bench.add_argument("--mixed_precision", default=None, choices=["no", "bf16"],
+                       help="train --arch other than tiny: the frozen weights' precision, under autocast (default: "
+                            "the architecture's: no (fp32) for sd15; bf16 for sdxl, whose fp32 weights alone are "
+                            "13.6 GB)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods and world: a world test sequence to run, repeatable (methods' default: "
                             "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
@@ -64,14 +69,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.target in SEEDED:
         default_workers = 3 if args.target == "world" else min(2, os.cpu_count() or 1)
         extra.update(workers=args.workers or default_workers, sequences=args.sequence)
+    if args.target in ("methods", "train"):
+        extra.update(methods=args.method)
     if args.target == "methods":
-        extra.update(methods=args.method, adapter=args.adapter)
+        extra.update(adapter=args.adapter)
     elif args.adapter is not None:
         raise ValueError(f"--adapter: only `dcfast bench methods` reads it, not {args.target!r}")
     if args.target == "train":
-        extra.update(arch=args.arch, latent_size=args.latent_size)
-    elif args.arch != "tiny" or args.latent_size is not None:
-        raise ValueError(f"--arch, --latent_size: only `dcfast bench train` reads them, not {args.target!r}")
+        extra.update(arch=args.arch, latent_size=args.latent_size, mixed_precision=args.mixed_precision)
+    elif args.arch != "tiny" or args.latent_size is not None or args.mixed_precision is not None:
+        raise ValueError(f"--arch, --latent_size, --mixed_precision: only `dcfast bench train` reads them, "
+                         f"not {args.target!r}")
     result = importlib.import_module(module_name).run(quick=args.quick, device=args.device, **extra)
     if args.json:
         from dcfast.io.atomic import write_json_atomic

@@ -3,9 +3,9 @@ downloaded: what `dcfast bench train --arch` and the FLOP counts (`dcfast.bench.
 
 An `Architecture` is the published `unet/config.json`, the text encoders whose hidden states the U-Net's
 cross-attention reads (class name and config each, in the order their states are joined) and the training
-scheduler's config. Another architecture is one more entry of ARCHITECTURES. SDXL, for instance, would list two
-text encoders (CLIPTextModel and CLIPTextModelWithProjection) and a U-Net config with
-`addition_embed_type="text_time"`; its added conditions are the DC engine's to drive, not this module's.
+scheduler's config. Another architecture is one more entry of ARCHITECTURES. SDXL lists two text encoders
+(CLIPTextModel and CLIPTextModelWithProjection, whose projected pooled output is the U-Net's `text_embeds`) and a
+U-Net with `addition_embed_type="text_time"`; its added conditions are the DC engine's to drive, not this module's.
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ class Architecture:
         """Width of the conditions the U-Net's cross-attention reads."""
         return int(self.unet_config["cross_attention_dim"])
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the U-Net reads SDXL's added conditions (pooled text embedding and time ids)."""
+        return self.unet_config.get("addition_embed_type") == "text_time"
+
 
 def _frozen(config: Dict[str, object]) -> Mapping[str, object]:
     return MappingProxyType(config)
@@ -62,7 +67,34 @@ SD15 = Architecture(
                                   beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon")),
 )
 
-ARCHITECTURES: Dict[str, Architecture] = {SD15.name: SD15}
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json (2.567B parameters), text_encoder/config.json (CLIP
+# ViT-L/14's text tower) and text_encoder_2/config.json (OpenCLIP ViT-bigG/14's, with its projection), scheduler's
+# training noise schedule, as published.
+SDXL = Architecture(
+    name="sdxl",
+    unet_config=_frozen(dict(
+        sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+        act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+        addition_embed_type_num_heads=64, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
+    text_encoders=(
+        ("CLIPTextModel", _frozen(dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1))),
+        ("CLIPTextModelWithProjection", _frozen(dict(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+            attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1)))),
+    scheduler_config=SD15.scheduler_config,  # the same scaled-linear 0.00085..0.012 training schedule
+)
+
+ARCHITECTURES: Dict[str, Architecture] = {SD15.name: SD15, SDXL.name: SDXL}
 
 
 def get_architecture(name: Union[str, Architecture]) -> Architecture:
