@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from dcfast.engine.scores import dc_logits, dc_scores, dc_scores_with_predictions
 from dcfast.engine.targets import default_timesteps, training_target
@@ -53,11 +54,27 @@ def _row_time_ids(time_ids: Optional[torch.Tensor], T: int) -> Optional[torch.Te
 
 
 def predict_rows(unet, scheduler, x0: torch.Tensor, cond, timesteps: torch.Tensor, noise: torch.Tensor,
-                 time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The model's output (eps or v) at x_t, c, t for every row (b, j) under one condition cond (L, D); (B*T, C, H, W)."""
+                 time_ids: Optional[torch.Tensor] = None, max_batch: Optional[int] = None,
+                 checkpoint: bool = False) -> torch.Tensor:
+    """The model's output (eps or v) at x_t, c, t for every row (b, j) under one condition cond (L, D); (B*T, C, H, W).
+
+    `max_batch`: U-Net calls of at most that many rows (as the DC engine's chunks: the same rounding with and
+    without `checkpoint`). `checkpoint` (under grad): each call's U-Net activations are recomputed in the backward
+    (torch.utils.checkpoint), so the backward peaks at one chunk's, as the DC engine's `checkpoint`."""
     x_t, t, _ = noisy_rows(scheduler, x0, timesteps, noise)
-    rows = x_t.shape[0]
-    return unet(x_t, t, **as_conditions(cond).unet_kwargs(rows, _row_time_ids(time_ids, timesteps.shape[1]))).sample
+    conds, row_ids = as_conditions(cond), _row_time_ids(time_ids, timesteps.shape[1])
+    bounded = checkpoint and torch.is_grad_enabled()
+
+    def predict(x: torch.Tensor, steps: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return unet(x, steps, **conds.unet_kwargs(x.shape[0], ids)).sample
+
+    def chunk(i: int, size: int) -> torch.Tensor:
+        ids = row_ids[i:i + size] if row_ids is not None and row_ids.dim() == 2 else row_ids
+        args = (x_t[i:i + size], t[i:i + size], ids)
+        return torch.utils.checkpoint.checkpoint(predict, *args, use_reentrant=False) if bounded else predict(*args)
+
+    size = max_batch or x_t.shape[0]
+    return torch.cat([chunk(i, size) for i in range(0, x_t.shape[0], size)])
 
 
 def per_sample_denoise_losses(unet, scheduler, x0: torch.Tensor, cond, timesteps: torch.Tensor,

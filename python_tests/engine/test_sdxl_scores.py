@@ -199,3 +199,36 @@ def test_checkpointed_pass_keeps_a_chunk_not_the_pass(xl_unet, scheduler, with_p
     assert torch.equal(plain_err, kept_err)
     assert (kept_grads - plain_grads).abs().max() <= 1e-5 * plain_grads.abs().max()
     assert kept_bytes < plain_bytes / 5
+
+
+def test_checkpointed_noise_predictions_keep_a_chunk_not_the_rows(xl_unet, scheduler):
+    """predict_rows(checkpoint=True), DSC's student predictions under dc_checkpoint: the same outputs and gradients
+    as the plain call, with a chunk's activations kept for the backward instead of every row's."""
+    from dcfast.models.prompts import Conditions
+    from dcfast.training.objectives import predict_rows
+
+    unet = copy.deepcopy(xl_unet)
+    x0, cond, added, timesteps, noise = _problem(seed=9)
+    timesteps = timesteps.expand(x0.shape[0], -1)  # (B, T): rows (b, j)
+    runs = []
+    for checkpoint in (False, True):
+        hidden = cond[1].clone().requires_grad_(True)
+        pooled = added["text_embeds"][1].clone().requires_grad_(True)
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        _zero(unet)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = predict_rows(unet, scheduler, x0, Conditions(hidden, pooled), timesteps, noise,
+                               added["time_ids"], max_batch=1, checkpoint=checkpoint)
+        out.pow(2).mean().backward()
+        grads = torch.cat([_grads(unet, hidden), pooled.grad.reshape(-1)])
+        runs.append((sum(saved), out.detach(), grads))
+    (plain_bytes, plain_out, plain_grads), (kept_bytes, kept_out, kept_grads) = runs
+    assert plain_out.shape[0] == timesteps.numel() > 1
+    assert (kept_out - plain_out).abs().max() <= 1e-5 * plain_out.abs().max()  # 1-row chunks: other batch sums
+    assert (kept_grads - plain_grads).abs().max() <= 1e-5 * plain_grads.abs().max()
+    assert kept_bytes < plain_bytes / 2

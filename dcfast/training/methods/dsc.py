@@ -150,7 +150,8 @@ class Distiller:
         else:
             p_s = dc_log_probs(unet, scheduler, x0, conds, timesteps, noise, temperature, settings.dc_loss,
                                settings.dc_max_batch, time_ids, checkpoint=settings.dc_checkpoint)
-            rows = [predict_rows(unet, scheduler, x0, conds[column], timesteps, noise, time_ids)
+            rows = [predict_rows(unet, scheduler, x0, conds[column], timesteps, noise, time_ids,
+                                 settings.dc_max_batch, checkpoint=settings.dc_checkpoint)
                     for _, column in teachers]
         parts = {}
         for (name, _), eps_s in zip(teachers, rows):  # KL(p_T || p_S): the student matches each teacher's scores

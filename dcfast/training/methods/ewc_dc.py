@@ -54,7 +54,8 @@ class DCScoreSettings(MethodSettings):
     # denoising loss then averages num_dc_timesteps pairs per image instead of one, without offset noise.
     dc_denoise_rows: bool = False
     # The training step's DC pass keeps no chunk's U-Net activations: each chunk of dc_max_batch rows is recomputed
-    # in the backward (torch checkpoint), one more forward for a peak of one chunk instead of all k*T rows per image.
+    # in the backward (torch checkpoint), one more forward for a peak of one chunk instead of all k*T rows per image
+    # (DSC: its student's noise predictions too, so a distillation step holds one chunk, not k*T + 2T rows).
     # Off on the tiny model (nothing to save); at SD scale a 17-row EWC-DC step does not fit a 24 GB CPU without it.
     dc_checkpoint: bool = False
 
