@@ -59,6 +59,14 @@ VARIANTS = {
                                                  "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE},
     "1000 steps, lora 5e-3, wide LoRA": {"max_train_steps": 1000, "learning_rate": 5e-3, "token_learning_rate": 1e-3,
                                          "rank": 4, "target_modules": WIDE},
+    # round 4 (joint's final fidelity in the criterion): joint confused concept 1's colour at rank 8 (colour 0.53)
+    "1000 steps, lora 3e-3, wide LoRA, rank 8, token 5e-3": {"max_train_steps": 1000, "learning_rate": 3e-3,
+                                                             "token_learning_rate": 5e-3, "rank": 8,
+                                                             "target_modules": WIDE},
+    "1000 steps, lora 3e-3, wide LoRA, rank 16": {"max_train_steps": 1000, "learning_rate": 3e-3,
+                                                  "token_learning_rate": 1e-3, "rank": 16, "target_modules": WIDE},
+    "1000 steps, lora 5e-3, wide LoRA, rank 8": {"max_train_steps": 1000, "learning_rate": 5e-3,
+                                                 "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE},
 }
 
 
