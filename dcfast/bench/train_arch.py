@@ -61,10 +61,11 @@ ARCH_SETTINGS = {"sd15": {"mixed_precision": "no", "gradient_checkpointing": Fal
 # CheckpointedCalls' pieces): one, the least memory. A 64x64 row holds ~1.9 GB of graph; with 2-row pieces dsc's
 # 32x32 step peaked 3.6 GB above the model, which scaled by the latents' area would near the cap at 64x64.
 CHUNK_ROWS = 1
-# Environment of a method's worker. dsc: glibc's malloc serves every block of 256 KiB or more by mmap, returned on
-# free. With its default (a threshold that rises with freed blocks) the checkpointed forward grew the heap by about
-# half a graph per row though torch held one row's activations (profiler), and the 64x64 step passed the cap.
-WORKER_ENV = {"dsc": {"MALLOC_MMAP_THRESHOLD_": "262144"}}
+# Environment of a method's worker. dsc and ewc-dc, whose rows are recomputed in the backward: glibc's malloc serves
+# every block of 256 KiB or more by mmap, returned on free. With its default (a threshold that rises with freed
+# blocks) the checkpointed forward grew the heap by about half a graph per row though torch held one row's
+# activations (profiler), and the 64x64 step passed the cap (dsc; ewc-dc with dc_checkpoint on SD 1.5 too).
+WORKER_ENV = {method: {"MALLOC_MMAP_THRESHOLD_": "262144"} for method in ("dsc", "ewc-dc")}
 MAX_STEPS, STEP_BUDGET_S = 3, 120.0  # full runs time steps until 3 are done or 120 s have passed (at least one)
 TEMPERATURE = 1e-3  # on the auto temperature's scale (ewc_dc.DCScoreSettings); no step's cost depends on it
 WORDS = ("mug", "cat", "dog")  # the three tasks' class words; the timed task is the last
@@ -326,7 +327,7 @@ def _autocast(accelerator, function: Callable, *args):
 PATHS = {
     "lora": "Method.loss + backward + AdamW",
     "ewc-dc": f"Method.loss (dc_checkpoint, {CHUNK_ROWS}-row chunks) + backward + AdamW",
-    "dsc": f"Distiller.distill, 1 iteration, U-Net calls checkpointed in {CHUNK_ROWS}-row pieces, mmap threshold",
+    "dsc": f"Distiller.distill, 1 iteration, U-Net calls checkpointed in {CHUNK_ROWS}-row pieces",
 }
 PRECISIONS = ("no", "bf16")  # fp16 is left out: accelerate runs no fp16 autocast on the CPU
 
