@@ -162,19 +162,13 @@ def test_readme_training_example_runs(readme_model_and_photos, monkeypatch):
         seen.append(config)
         return real_train(dataclasses.replace(config, max_train_steps=2), *args, **kwargs)
 
-    from accelerate.state import AcceleratorState
-
     monkeypatch.setattr(trainer, "train", short_train)
     monkeypatch.delitem(vars(dcfast), "train", raising=False)  # `dcfast.train` resolves lazily again: to short_train
     namespace = {}
-    # The example's mixed precision differs from the earlier tests' runs in this process: accelerate keeps one
-    # state per process, so start it afresh here and leave it fresh for the tests after.
-    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         exec(compile(_python_block(TRAIN_SECTION), f"README:{TRAIN_SECTION}", "exec"), namespace)
     finally:
         vars(dcfast).pop("train", None)  # the lazy lookup cached short_train; monkeypatch then restores the original
-        AcceleratorState._reset_state(reset_partial_state=True)
     assert seen and seen[0].pretrained_model_name_or_path == readme_model_and_photos
     result = namespace["result"]
     assert len(result.task_dirs) == len(seen[0].tasks) == 2

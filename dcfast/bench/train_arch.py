@@ -244,15 +244,13 @@ def _setup(method_name: str, arch_name: str, size: int, output_dir: str, mixed_p
     """Build the model and `method_name` at task 3 of three, as the trainer would (see the module doc)."""
     from types import SimpleNamespace
 
-    from accelerate import Accelerator
-
     from dcfast.models.architectures import build_scheduler, build_text_encoders, build_unet, get_architecture
     from dcfast.models.prompts import sdxl_time_ids
     from dcfast.models.tiny import tiny_tokenizer
     from dcfast.training.adapters import add_lora
     from dcfast.training.methods import Models, TaskData, get_method
     from dcfast.training.tokens import add_task_tokens
-    from dcfast.training.trainer import WEIGHT_DTYPES, cast_frozen_weights
+    from dcfast.training.trainer import WEIGHT_DTYPES, cast_frozen_weights, new_accelerator
 
     base_rss = _status_gb("VmRSS")
     config = _config(method_name, arch_name, output_dir, mixed_precision)
@@ -273,7 +271,7 @@ def _setup(method_name: str, arch_name: str, size: int, output_dir: str, mixed_p
     wrapped = CheckpointedCalls(unet, CHUNK_ROWS) if method_name == "dsc" else None
     counter = RowCounter(unet)
     prompts_counter = PromptCounter(encoders)
-    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    accelerator = new_accelerator(mixed_precision, cpu=True)
     models = Models(wrapped or unet, encoders[0], tokenizers[0], build_scheduler(arch_name), accelerator,
                     progress=False, text_encoder_2=encoders[1] if len(encoders) > 1 else None,
                     tokenizer_2=tokenizers[1] if len(encoders) > 1 else None)

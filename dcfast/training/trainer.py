@@ -59,6 +59,16 @@ def _cpu_only() -> bool:
     return api.current_accelerator() is None if api is not None else not torch.cuda.is_available()
 
 
+def new_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
+    """An Accelerator at this mixed precision, even after another precision ran in this process (a notebook, a test
+    suite, a benchmark): accelerate keeps one mixed-precision state per process and refuses a second setting, so that
+    state starts afresh. The distributed state (the process group) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
 def _task_plan(config: TrainConfig) -> List[Task]:
     """Every task numbered, with its token and prompts (what run.json records and `Run.tasks` returns)."""
     plan = []
@@ -192,8 +202,8 @@ def train(config: TrainConfig, step_callback: Optional[StepCallback] = None, pro
 
 def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress: bool = True) -> TrainResult:
     log_with = _log_with(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
-                              project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
+    accelerator = new_accelerator(config.mixed_precision, log_with=log_with,
+                                  project_dir=str(Path(config.output_dir) / "logs"), cpu=_cpu_only())
     torch.manual_seed(config.seed)
 
     # 1. Load the base model (a local diffusers directory or a cached Hub id), and freeze all of it.

@@ -88,3 +88,15 @@ def test_loading_a_task_state_is_quiet(make_config, capfd):
     out, err = capfd.readouterr()
     assert "Loading pipeline components" not in err + out and "No LoRA keys" not in err + out
     assert diffusers_logging.get_verbosity() == before and diffusers_logging.is_progress_bar_enabled()
+
+
+def test_runs_at_two_mixed_precisions_in_one_process(make_config, tmp_path):
+    """accelerate refuses a second mixed precision in a process; `train` starts its state afresh, so a notebook can
+    run fp32 and then bf16 (and the benchmarks can switch)."""
+    from dcfast.training.trainer import train
+
+    for precision in ("no", "bf16"):
+        config = make_config("lora", words=("dog",), max_train_steps=1, mixed_precision=precision,
+                             output_dir=str(tmp_path / precision))
+        train(config, progress=False)
+        assert read_json(task_dir(config.output_dir, 1) / "config.json")["mixed_precision"] == precision
