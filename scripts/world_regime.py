@@ -67,6 +67,11 @@ VARIANTS = {
                                                   "token_learning_rate": 1e-3, "rank": 16, "target_modules": WIDE},
     "1000 steps, lora 5e-3, wide LoRA, rank 8": {"max_train_steps": 1000, "learning_rate": 5e-3,
                                                  "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE},
+    # round 5 (joint's own settings; a joint-only setting leaves sequential LoRA's row as it is): joint's four tokens
+    # start equal on a same-class sequence, and it confused concept 1's colour with another's
+    "1000 steps, lora 3e-3, wide LoRA, rank 8, joint tokens random": {
+        "max_train_steps": 1000, "learning_rate": 3e-3, "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE,
+        "joint_token_init": "random"},
 }
 
 

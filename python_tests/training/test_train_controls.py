@@ -61,6 +61,32 @@ def test_joint_learns_every_token_at_once_and_writes_every_task(make_config):
         assert torch.equal(token, seen[6][i - 1])
 
 
+@pytest.mark.parametrize("start", ["class_word", "random"])
+def test_joint_tokens_start_where_joint_token_init_says(make_config, tmp_path, start):
+    """Two tasks of one class word: "class_word" starts both tokens at its embedding (equal), "random" apart."""
+    from dcfast.training.tokens import class_word_embedding
+
+    config = make_config("joint", words=("dog", "dog"), max_train_steps=1, joint_token_init=start,
+                         token_learning_rate=1e-6, output_dir=str(tmp_path / start))
+    base = load_components(config.pretrained_model_name_or_path)
+    at_start = {}
+
+    def grab(task, step, models):  # at step 1 the tokens moved by one Adam step: <= 1e-6 per entry
+        embeds = models.text_encoder.get_input_embeddings()
+        ids = torch.tensor([models.tokenizer.convert_tokens_to_ids(f"<v{i}>") for i in (1, 2)])
+        with torch.no_grad():
+            at_start.update(enumerate(embeds(ids).detach().clone(), 1))
+
+    dcfast.train(config, step_callback=grab)
+    word = class_word_embedding(base.tokenizer, base.text_encoder, "dog").view(-1)
+    one_step = 2e-6 * word.numel() ** 0.5  # bound on what one Adam step moves a token
+    distances = [(at_start[i] - word).norm().item() for i in (1, 2)]
+    if start == "class_word":
+        assert max(distances) <= one_step and (at_start[1] - at_start[2]).norm() <= 2 * one_step
+    else:
+        assert min(distances) > 1000 * one_step and (at_start[1] - at_start[2]).norm() > 1000 * one_step
+
+
 def test_joint_loss_conditions_each_image_on_its_own_prompt(make_config):
     """The joint loss of a mixed batch equals the per-prompt losses of a naive loop on the same (t, eps)."""
     from dcfast.engine.targets import training_target

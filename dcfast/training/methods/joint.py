@@ -1,13 +1,27 @@
 """Joint training (the upper bound of continual learning, an offline reference, not a continual method): one LoRA
 learns every concept of the sequence at once, each with its own token, for the same total steps as the sequence
 (max_train_steps per task). Its task folders all hold that one final state (docs/design.md).
+
+Its tokens start at their class word's embedding, as every sequential method's (`joint_token_init`): on a
+same-class sequence all of them start equal, and one LoRA must tell the concepts apart by tokens that only
+drift apart as they train; "random" starts them apart (C-LoRA's random start).
 """
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from dcfast.training.methods.base import Method
 from dcfast.training.objectives import denoise_loss
+from dcfast.training.settings import MethodSettings, setting
+
+
+@dataclass
+class JointSettings(MethodSettings):
+    """Joint training's settings."""
+
+    # Where each task's token starts: "class_word" (as the sequential methods') or "random" (apart from the start).
+    joint_token_init: str = setting("class_word", choices=("class_word", "random"))
 
 
 class JointTraining(Method):
@@ -15,6 +29,11 @@ class JointTraining(Method):
 
     name = "joint"
     joint = True
+    Settings = JointSettings
+
+    @property
+    def random_token_init(self) -> bool:  # the trainer reads it when it makes each task's token
+        return self.settings.joint_token_init == "random"
 
     def loss(self, x0: torch.Tensor, prompts: Optional[List[str]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         prompts = prompts if prompts is not None else [self.task.prompt] * x0.shape[0]
