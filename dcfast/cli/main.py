@@ -38,7 +38,7 @@ def _add_bench(subparsers) -> None:
                        help="methods and world: runs at once, each in its own process with one torch thread "
                             "(default: methods 2 on a machine with 2+ cores, else 1; world 3, a seed's three runs)")
     bench.add_argument("--method", action="append", default=None, metavar="NAME",
-                       help="methods: a method to run, repeatable (default: all six); train --arch other than "
+                       help="methods: a method to run, repeatable (default: every method and control); train --arch other than "
                             "tiny: lora, ewc-dc or dsc (default: all three)")
     bench.add_argument("--adapter", default=None, choices=ADAPTERS,
                        help="methods: the U-Net adapter every method's runs train, lora or vera (VeRA: frozen shared "
