@@ -76,12 +76,18 @@ def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch
 
     monkeypatch.setattr("dcfast.bench.train.METHODS", {name: METHODS[name] for name in ("lora", "ewc-dc")})
     monkeypatch.setattr("dcfast.bench.train.QUICK_GRID", ((2,), (2,)))
+    monkeypatch.setattr("dcfast.bench.train.DC_EVERY", (2,))
     assert main(["bench", "train", "--quick", "--json", str(tmp_path / "train.json")]) == 0
     out = capsys.readouterr().out
     assert "ewc-dc" in out
-    grid = json.loads((tmp_path / "train.json").read_text())["grid"]
-    assert [(r["k"], r["T"], r["dc_denoise_rows"]) for r in grid] == [(2, 2, False), (2, 2, True)]
-    assert all(r["ratio_vs_lora"] > 0 for r in grid)
+    result = json.loads((tmp_path / "train.json").read_text())
+    grid = result["grid"]
+    # the (k, T) grid, then dc_every 1 and 2 at EWC-DC's default (4, 4) over 5 steps (timed: steps 1-4)
+    assert [(r["k"], r["T"], r["dc_denoise_rows"], r["dc_every"]) for r in grid] == [
+        (2, 2, False, 1), (2, 2, True, 1), (4, 4, False, 1), (4, 4, False, 2)]
+    assert [r["unet_rows_per_image"] for r in grid] == [5, 4, 17, 9]
+    assert all(r["ratio_vs_lora"] == pytest.approx(r["mean_step_s"] / r["lora_step_s"]) for r in grid)
+    assert set(result["summary"]["ewc_dc_grid"]) == {"k2_T2", "k2_T2_rows", "k4_T4_every1", "k4_T4_every2"}
     match = re.search(r"^max_step_ratio_vs_lora=(\S+)$", out, re.M)
     assert match and float(match.group(1)) >= 1.0  # lora's own ratio is 1, the max can't be lower
 

@@ -7,8 +7,10 @@ past). Consolidation (Fisher, DSC distillation) runs once per task and is report
 
 The (k, T) grid trains k - 1 tasks (at least 2), so that S holds k concepts in the timed task, with and
 without `dc_denoise_rows` (the denoising loss from the DC pass's own c_n rows); each grid row is compared
-with LoRA trained on the same tasks. Runs follow one another: on a shared machine the ratios carry the
-load's drift between runs (the step medians of one run do not).
+with LoRA trained on the same tasks. At EWC-DC's default (k, T), `dc_every` m (the DC term every m-th step) is
+timed too, over whole periods of m steps. Ratios are of mean step times, the cost a task pays per step (with
+dc_every > 1 the median would be a step without the DC term); the medians are reported beside them. Runs follow
+one another: on a shared machine the ratios carry the load's drift between runs.
 
 `--arch sd15` measures a real architecture instead: `dcfast.bench.train_arch`.
 """
@@ -26,15 +28,18 @@ from dcfast.io.images import write_shape_images
 from dcfast.training.methods import METHODS
 from dcfast.models.tiny import tiny
 
-COLUMNS = ["method", "median_step_s", "ratio_vs_lora", "task_seconds", "consolidation_s"]
-GRID_COLUMNS = ["k", "T", "dc_denoise_rows", "unet_rows_per_image", "median_step_s", "lora_step_s", "ratio_vs_lora"]
+COLUMNS = ["method", "median_step_s", "mean_step_s", "ratio_vs_lora", "task_seconds", "consolidation_s"]
+GRID_COLUMNS = ["k", "T", "dc_denoise_rows", "dc_every", "unet_rows_per_image", "median_step_s", "mean_step_s",
+                "lora_step_s", "ratio_vs_lora"]
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
 GRID = ((2, 3, 4), (1, 2, 4, 8))  # k values, T values
 QUICK_GRID = ((2, 4), (4,))
+DC_EVERY = (2, 4)  # EWC-DC's dc_every values timed at its default (k, T), beside dc_every 1 of the grid
 
 
 def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: Path, steps: int, **fields) -> Dict:
-    """Train `method` on every task of `concepts`; median step time of the last task, its seconds, consolidation."""
+    """Train `method` on every task of `concepts`; median and mean step time of the last task's steps 1.. (step 0
+    is not timed), its seconds, consolidation."""
     from dcfast.training.trainer import train
 
     last = len(concepts)
@@ -48,24 +53,48 @@ def _time_method(method: str, model_dir: Path, concepts: Dict[str, Path], out: P
     result = train(config, step_callback=lambda task, step, models: task == last and stamps.append(time.perf_counter()))
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
     seconds = result.metrics[-1]["seconds"]
-    return {"method": method, "median_step_s": statistics.median(step_times), "task_seconds": seconds,
+    return {"method": method, "median_step_s": statistics.median(step_times),
+            "mean_step_s": statistics.fmean(step_times), "task_seconds": seconds,
             "consolidation_s": seconds - sum(step_times)}
 
 
+def _grid_row(root: Path, tasks: Dict[str, Path], out: Path, steps: int, lora: float, k: int, T: int,
+              from_rows: bool = False, every: int = 1) -> Dict:
+    """One EWC-DC configuration's step time against LoRA's mean step `lora` on the same tasks."""
+    timed = _time_method("ewc-dc", root / "model", tasks, out, steps, num_dc_concepts=k, num_dc_timesteps=T,
+                         dc_denoise_rows=from_rows, dc_every=every)
+    return {"k": k, "T": T, "dc_denoise_rows": from_rows, "dc_every": every,
+            "unet_rows_per_image": k * T / every + (0 if from_rows else 1),
+            "median_step_s": timed["median_step_s"], "mean_step_s": timed["mean_step_s"], "lora_step_s": lora,
+            "ratio_vs_lora": timed["mean_step_s"] / lora}
+
+
+def _grid_key(row: Dict) -> str:
+    """The summary's name of a grid row: k4_T4, k4_T4_rows, k4_T4_every2 (the dc_every rows' own dc_every 1 row,
+    timed over other steps than the grid's, is k4_T4_every1)."""
+    rows = "_rows" if row["dc_denoise_rows"] else ""
+    every = f"_every{row['dc_every']}" if row.get("period_steps") else ""
+    return f"k{row['k']}_T{row['T']}{rows}{every}"
+
+
 def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dict]:
-    """EWC-DC's step time relative to LoRA at each (k, T), with and without dc_denoise_rows."""
+    """EWC-DC's step time relative to LoRA at each (k, T), with and without dc_denoise_rows; then at the default
+    (k, T) with each of DC_EVERY, over steps that hold whole periods of the largest."""
     rows = []
     for k in ks:
         tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
-        lora = _time_method("lora", root / "model", tasks, root / f"grid-k{k}", steps)["median_step_s"]
-        for T in ts:
-            for from_rows in (False, True):
-                timed = _time_method("ewc-dc", root / "model", tasks, root / f"grid-k{k}", steps,
-                                     num_dc_concepts=k, num_dc_timesteps=T, dc_denoise_rows=from_rows)
-                rows.append({"k": k, "T": T, "dc_denoise_rows": from_rows,
-                             "unet_rows_per_image": k * T + (0 if from_rows else 1),
-                             "median_step_s": timed["median_step_s"], "lora_step_s": lora,
-                             "ratio_vs_lora": timed["median_step_s"] / lora})
+        lora = _time_method("lora", root / "model", tasks, root / f"grid-k{k}", steps)["mean_step_s"]
+        rows += [_grid_row(root, tasks, root / f"grid-k{k}", steps, lora, k, T, from_rows)
+                 for T in ts for from_rows in (False, True)]
+    from dcfast.training.methods.ewc_dc import EWCDCSettings
+
+    k, T = EWCDCSettings().num_dc_concepts, EWCDCSettings().num_dc_timesteps
+    period = max(DC_EVERY)
+    timed_steps = period * -(-steps // period) + 1  # steps 1.. are timed: whole periods of every m in DC_EVERY
+    tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
+    lora = _time_method("lora", root / "model", tasks, root / "every", timed_steps)["mean_step_s"]
+    rows += [{**_grid_row(root, tasks, root / "every", timed_steps, lora, k, T, every=every),
+              "period_steps": timed_steps} for every in (1,) + DC_EVERY]
     return rows
 
 
@@ -95,14 +124,13 @@ def run(quick: bool = False, device: str = "cpu", arch: str = "tiny", latent_siz
         two = {word: concepts[word] for word in list(concepts)[:2]}
         rows = [_time_method(method, root / "model", two, root / "runs", steps) for method in METHODS]
         grid = _grid(root, concepts, steps, ks, ts)
-    base = next(r for r in rows if r["method"] == "lora")["median_step_s"]
+    base = next(r for r in rows if r["method"] == "lora")["mean_step_s"]
     for row in rows:
-        row["ratio_vs_lora"] = row["median_step_s"] / base
+        row["ratio_vs_lora"] = row["mean_step_s"] / base
     print(format_table(rows, COLUMNS))
     print(format_table(grid, GRID_COLUMNS))
     slowest = max(rows, key=lambda r: r["ratio_vs_lora"])
     summary = {"max_step_ratio_vs_lora": slowest["ratio_vs_lora"], "slowest_method": slowest["method"],
                "steps_per_task": steps,
-               "ewc_dc_grid": {f"k{r['k']}_T{r['T']}{'_rows' if r['dc_denoise_rows'] else ''}": r["ratio_vs_lora"]
-                               for r in grid}}
+               "ewc_dc_grid": {_grid_key(r): r["ratio_vs_lora"] for r in grid}}
     return {"rows": rows, "grid": grid, "summary": summary, "environment": environment(device)}
