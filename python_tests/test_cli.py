@@ -105,3 +105,21 @@ def test_eval_device_checked_before_any_work(tmp_path, capsys, device, expected)
         pytest.skip("this torch has a usable GPU")
     assert main(["eval", "--run", str(tmp_path / "no-run"), "--device", device]) == 2
     assert re.search(expected, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, output_dir", [
+    ([], "dcfast-bench-methods"),
+    (["--adapter", "vera"], "dcfast-bench-methods-vera"),  # a LoRA run's folder refuses VeRA runs: not the same one
+    (["--adapter", "vera", "--output_dir", "mine"], "mine"),
+])
+def test_bench_methods_output_dir_follows_the_adapter(monkeypatch, flags, output_dir):
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return {"summary": {}}
+
+    monkeypatch.setattr("dcfast.experiments.bench_methods.run", fake_run)
+    monkeypatch.setattr("dcfast.cli.main.BENCHMARKS", {"methods": ("dcfast.experiments.bench_methods", "")})
+    assert main(["bench", "methods", *flags]) == 0
+    assert seen["output_dir"] == output_dir

@@ -56,16 +56,19 @@ def _add_bench(subparsers) -> None:
                             "13.6 GB)")
     bench.add_argument("--sequence", action="append", default=None, metavar="NAME",
                        help="methods and world: a world test sequence to run, repeatable (methods' default: "
-                            "known-same-class-test and known-distinct-class-test, --quick: known-same-class-test; "
-                            "world's: novel-same-class-test and known-same-class-test, --quick: the novel one's first two concepts)")
+                            "novel-same-class-test, novel-distinct-class-test, novel-same-class-long-test and "
+                            "known-same-class-test, --quick: novel-same-class-test's first two concepts; world's: "
+                            "novel-same-class-test and known-same-class-test, --quick: the novel one's first two concepts)")
     bench.add_argument("--output_dir", default=None,
-                       help="methods and world: where runs and tables go (default: dcfast-bench-<target>)")
+                       help="methods and world: where runs and tables go (default: dcfast-bench-<target>, "
+                            "dcfast-bench-methods-vera with --adapter vera)")
     bench.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     module_name, headline = BENCHMARKS[args.target]
-    extra = {"seeds": args.seeds, "output_dir": args.output_dir or SEEDED[args.target]} if args.target in SEEDED else {}
+    default_dir = SEEDED.get(args.target, "") + ("-vera" if args.adapter == "vera" else "")
+    extra = {"seeds": args.seeds, "output_dir": args.output_dir or default_dir} if args.target in SEEDED else {}
     if args.target in SEEDED:
         default_workers = 3 if args.target == "world" else min(2, os.cpu_count() or 1)
         extra.update(workers=args.workers or default_workers, sequences=args.sequence)
