@@ -74,7 +74,7 @@ def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
 def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch, tmp_path):
     from dcfast.training.methods import METHODS
 
-    monkeypatch.setattr("dcfast.bench.train.METHODS", {name: METHODS[name] for name in ("lora", "ewc-dc")})
+    monkeypatch.setattr("dcfast.bench.train.METHODS", {name: METHODS[name] for name in ("lora", "ewc-dc", "joint")})
     monkeypatch.setattr("dcfast.bench.train.QUICK_GRID", ((2,), (2,)))
     monkeypatch.setattr("dcfast.bench.train.DC_EVERY", (2,))
     assert main(["bench", "train", "--quick", "--json", str(tmp_path / "train.json")]) == 0
@@ -88,6 +88,8 @@ def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch
     assert [r["unet_rows_per_image"] for r in grid] == [5, 4, 17, 9]
     assert all(r["ratio_vs_lora"] == pytest.approx(r["mean_step_s"] / r["lora_step_s"]) for r in grid)
     assert set(result["summary"]["ewc_dc_grid"]) == {"k2_T2", "k2_T2_rows", "k4_T4_every1", "k4_T4_every2"}
+    # joint's phase holds both tasks: its seconds are the phase's, never less than its steps' (was negative)
+    assert all(r["consolidation_s"] >= 0 for r in result["rows"])
     match = re.search(r"^max_step_ratio_vs_lora=(\S+)$", out, re.M)
     assert match and float(match.group(1)) >= 1.0  # lora's own ratio is 1, the max can't be lower
 
