@@ -90,7 +90,8 @@ def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dic
                  for T in ts for from_rows in (False, True)]
     from dcfast.training.methods.ewc_dc import EWCDCSettings
 
-    k, T = EWCDCSettings().num_dc_concepts, EWCDCSettings().num_dc_timesteps
+    defaults = EWCDCSettings()
+    k, T = defaults.num_dc_concepts, defaults.num_dc_timesteps
     period = max(DC_EVERY)
     timed_steps = period * -(-steps // period) + 1  # steps 1.. are timed: whole periods of every m in DC_EVERY
     tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
