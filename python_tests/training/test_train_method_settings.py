@@ -88,3 +88,24 @@ def test_a_resume_compares_the_methods_settings_too(make_config):
     _check_resumable(config.override(checkpointing_steps=7), None)  # a resumable shared field may change
     with pytest.raises(ValueError, match=r"was trained with different ewc_lambda"):
         _check_resumable(config.override(ewc_lambda=2.0), None)
+
+
+@pytest.mark.parametrize("name", [name for name, cls in methods.REGISTRY if cls.token_init_setting])
+def test_a_methods_token_start_reads_its_own_setting(name):
+    """A method that lets its tokens start random names a setting of its own with both starts; the shared
+    `random_token_init` follows that setting (the trainer reads only the property)."""
+    cls = methods.METHODS[name]
+    field_ = {f.name: f for f in dataclasses.fields(cls.Settings)}[cls.token_init_setting]
+    assert set(field_.metadata["choices"]) == {"random", "class_word"}
+    for start in ("random", "class_word"):
+        method = cls.__new__(cls)  # the property reads only the settings: no models needed
+        method.settings = cls.Settings(**{cls.token_init_setting: start})
+        assert method.random_token_init is (start == "random")
+
+
+def test_methods_without_a_token_start_setting_start_at_the_class_word():
+    for name, cls in methods.REGISTRY:
+        if not cls.token_init_setting:
+            method = cls.__new__(cls)
+            method.settings = cls.Settings()
+            assert method.random_token_init is False, name

@@ -119,7 +119,8 @@ class Method:
     """Sequential LoRA's behaviour; subclasses add penalties and consolidation."""
 
     name: ClassVar[str] = ""
-    random_token_init: ClassVar[bool] = False  # C-LoRA: modifier tokens start random
+    # The settings field that says where each task's token starts ("random" or "class_word"); None: the class word
+    token_init_setting: ClassVar[Optional[str]] = None
     trains_lora: ClassVar[bool] = True  # False: the optimizer gets the token only (textual inversion)
     joint: ClassVar[bool] = False  # True: every task trained at once, in one phase (the offline upper bound)
     Settings: ClassVar[Type[MethodSettings]] = MethodSettings  # the settings this method reads (none here)
@@ -131,6 +132,11 @@ class Method:
             raise TypeError(f"method {self.name!r} reads {self.Settings.__name__}, got "
                             f"{type(self.settings).__name__}; build the config with method={self.name!r}")
         self.task: Optional[TaskData] = None
+
+    @property
+    def random_token_init(self) -> bool:
+        """Whether each task's token starts random rather than at its class word (the trainer reads it)."""
+        return self.token_init_setting is not None and getattr(self.settings, self.token_init_setting) == "random"
 
     def begin_task(self, task: TaskData) -> None:
         self.task = task

@@ -44,6 +44,7 @@ class CLoRA(Method):
     """Continual LoRA with the self-regularising overlap penalty."""
 
     name = "c-lora"
+    token_init_setting = "clora_token_init"
     Settings = CLoRASettings
 
     def __init__(self, config, models: Models):
@@ -52,10 +53,6 @@ class CLoRA(Method):
         self.w_past: Dict[str, torch.Tensor] = {}  # layer name -> sum_{i<n} scaling * B_i A_i
         if self.settings.clora_scope == "cross_kv":
             train_cross_attention_kv_only(models.unet)
-
-    @property
-    def random_token_init(self) -> bool:  # the trainer reads it when it makes each task's token
-        return self.settings.clora_token_init == "random"
 
     def begin_task(self, task: TaskData) -> None:
         super().begin_task(task)

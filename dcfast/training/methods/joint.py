@@ -29,11 +29,8 @@ class JointTraining(Method):
 
     name = "joint"
     joint = True
+    token_init_setting = "joint_token_init"
     Settings = JointSettings
-
-    @property
-    def random_token_init(self) -> bool:  # the trainer reads it when it makes each task's token
-        return self.settings.joint_token_init == "random"
 
     def loss(self, x0: torch.Tensor, prompts: Optional[List[str]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         prompts = prompts if prompts is not None else [self.task.prompt] * x0.shape[0]
