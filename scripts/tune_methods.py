@@ -104,6 +104,9 @@ EQUAL_GRIDS: Dict[str, List[Variant]] = {
 }
 assert all(len(grid) <= EQUAL_BUDGET for grid in EQUAL_GRIDS.values())
 GRIDS.update(EQUAL_GRIDS)
+# The cost lever the methods issue names first: EWC-DC's DC term every m steps (at m times the weight). Its first
+# row is equal-ewc-dc's first (the same variant name), so a later equal sweep in the same workdir reuses it.
+GRIDS["novel-dc-every"] = [("ewc-dc", {**LAMBDAS[0], **change}) for change in ({}, {"dc_every": 4})]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 

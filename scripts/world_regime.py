@@ -72,6 +72,13 @@ VARIANTS = {
     "1000 steps, lora 3e-3, wide LoRA, rank 8, joint tokens random": {
         "max_train_steps": 1000, "learning_rate": 3e-3, "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE,
         "joint_token_init": "random"},
+    # round 6 (joint's rate and schedule): a faster LoRA hurt joint most (round 4), and its 4000 steps run at a constant
+    # rate; "cosine" decays each task's rate (a joint run is one phase, so its whole run)
+    "1000 steps, lora 1e-3, wide LoRA, rank 8": {"max_train_steps": 1000, "learning_rate": 1e-3,
+                                                 "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE},
+    "1000 steps, lora 3e-3, wide LoRA, rank 8, cosine": {"max_train_steps": 1000, "learning_rate": 3e-3,
+                                                         "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE,
+                                                         "lr_scheduler": "cosine"},
 }
 
 
