@@ -86,6 +86,7 @@ def test_bench_train_quick_reports_every_method_against_lora(capsys, monkeypatch
     assert [(r["k"], r["T"], r["dc_denoise_rows"], r["dc_every"]) for r in grid] == [
         (2, 2, False, 1), (2, 2, True, 1), (4, 4, False, 1), (4, 4, False, 2)]
     assert [r["unet_rows_per_image"] for r in grid] == [5, 4, 17, 9]
+    assert [r["sweep"] for r in grid] == ["k_T", "k_T", "dc_every", "dc_every"]
     assert all(r["ratio_vs_lora"] == pytest.approx(r["mean_step_s"] / r["lora_step_s"]) for r in grid)
     assert set(result["summary"]["ewc_dc_grid"]) == {"k2_T2", "k2_T2_rows", "k4_T4_every1", "k4_T4_every2"}
     # joint's phase holds both tasks: its seconds are the phase's, never less than its steps' (was negative)

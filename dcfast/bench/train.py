@@ -29,8 +29,8 @@ from dcfast.training.methods import METHODS
 from dcfast.models.tiny import tiny
 
 COLUMNS = ["method", "median_step_s", "mean_step_s", "ratio_vs_lora", "task_seconds", "consolidation_s"]
-GRID_COLUMNS = ["k", "T", "dc_denoise_rows", "dc_every", "unet_rows_per_image", "median_step_s", "mean_step_s",
-                "lora_step_s", "ratio_vs_lora"]
+GRID_COLUMNS = ["sweep", "k", "T", "dc_denoise_rows", "dc_every", "unet_rows_per_image", "median_step_s",
+                "mean_step_s", "lora_step_s", "ratio_vs_lora"]
 COLOURS = {"dog": (200, 60, 20), "mug": (30, 60, 200), "cat": (40, 160, 40)}
 GRID = ((2, 3, 4), (1, 2, 4, 8))  # k values, T values
 QUICK_GRID = ((2, 4), (4,))
@@ -72,10 +72,10 @@ def _grid_row(root: Path, tasks: Dict[str, Path], out: Path, steps: int, lora: f
 
 
 def _grid_key(row: Dict) -> str:
-    """The summary's name of a grid row: k4_T4, k4_T4_rows, k4_T4_every2 (the dc_every rows' own dc_every 1 row,
-    timed over other steps than the grid's, is k4_T4_every1)."""
+    """The summary's name of a grid row: k4_T4, k4_T4_rows (the (k, T) sweep), k4_T4_every2 (the dc_every sweep,
+    whose own dc_every 1 row, timed over other steps than the (k, T) sweep's, is k4_T4_every1)."""
     rows = "_rows" if row["dc_denoise_rows"] else ""
-    every = f"_every{row['dc_every']}" if row.get("period_steps") else ""
+    every = f"_every{row['dc_every']}" if row["sweep"] == "dc_every" else ""
     return f"k{row['k']}_T{row['T']}{rows}{every}"
 
 
@@ -86,7 +86,7 @@ def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dic
     for k in ks:
         tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
         lora = _time_method("lora", root / "model", tasks, root / f"grid-k{k}", steps)["mean_step_s"]
-        rows += [_grid_row(root, tasks, root / f"grid-k{k}", steps, lora, k, T, from_rows)
+        rows += [{**_grid_row(root, tasks, root / f"grid-k{k}", steps, lora, k, T, from_rows), "sweep": "k_T"}
                  for T in ts for from_rows in (False, True)]
     from dcfast.training.methods.ewc_dc import EWCDCSettings
 
@@ -96,7 +96,7 @@ def _grid(root: Path, concepts: Dict[str, Path], steps: int, ks, ts) -> List[Dic
     timed_steps = period * -(-steps // period) + 1  # steps 1.. are timed: whole periods of every m in DC_EVERY
     tasks = {word: concepts[word] for word in list(concepts)[:max(2, k - 1)]}
     lora = _time_method("lora", root / "model", tasks, root / "every", timed_steps)["mean_step_s"]
-    rows += [{**_grid_row(root, tasks, root / "every", timed_steps, lora, k, T, every=every),
+    rows += [{**_grid_row(root, tasks, root / "every", timed_steps, lora, k, T, every=every), "sweep": "dc_every",
               "period_steps": timed_steps} for every in (1,) + DC_EVERY]
     return rows
 
