@@ -31,6 +31,9 @@ WORLD_TRAIN = {
     # (rank 8): a tie, and the rule keeps the setting in place.
     "validation_guidance_scale": 5.0,
     "checkpointing_steps": 10**9,  # no mid-task checkpoints: a task takes a minute, resuming would save little
+    # Each phase's rate decays to 0 (a task's 1000 steps; a joint run's whole 4000): joint's final fidelity 0.87
+    # against 0.77 at a constant rate, sequential LoRA's mean F[i, i] 0.95 against 0.93 (novel-same-class-val, round 6)
+    "lr_scheduler": "cosine",
 }
 
 # Per-method values on the world, on top of WORLD_TRAIN, each chosen on both validation sequences
