@@ -159,6 +159,8 @@ def main(argv=None) -> None:
                         help="equal: every equal-* grid on both novel validation sequences, seeds 0 and 1")
     parser.add_argument("--sequence", nargs="+", default=["known-same-class-val"], help="validation sequences")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--first", type=int, default=None,
+                        help="only each grid's first N configurations (a sweep in parts; the rest resume later)")
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     parser.add_argument("--workdir", default="runs/tune", help="runs and rows.jsonl go here")
@@ -179,8 +181,8 @@ def main(argv=None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["variant"], r["sequence"], r["seed"]) for r in rows}
-    jobs = [(m, o, s, seed) for g in args.grid for m, o in GRIDS[g] for s in args.sequence for seed in args.seeds
-            if (variant_name(m, o), s, seed) not in done]
+    jobs = [(m, o, s, seed) for g in args.grid for m, o in GRIDS[g][:args.first] for s in args.sequence
+            for seed in args.seeds if (variant_name(m, o), s, seed) not in done]
     print(f"{len(jobs)} runs to do ({len(done)} already in {log})", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_variant, m, o, s, seed, args.workdir, args.fidelity_images) for m, o, s, seed in jobs]
