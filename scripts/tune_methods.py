@@ -105,9 +105,9 @@ EQUAL_GRIDS: Dict[str, List[Variant]] = {
 assert all(len(grid) <= EQUAL_BUDGET for grid in EQUAL_GRIDS.values())
 GRIDS.update(EQUAL_GRIDS)
 # The cost lever the methods issue names first: EWC-DC's DC term every m steps (at m times the weight), at
-# equal-ewc-dc's first configuration. Run 2026-12-07 (benchmarks/methods_tuning.md): the world now takes dc_every 4
-# for EWC-DC (WORLD_METHOD_TRAIN), so each row names its m.
-GRIDS["novel-dc-every"] = [("ewc-dc", {**LAMBDAS[0], "dc_every": m}) for m in (1, 4)]
+# equal-ewc-dc's first configuration. Run 2026-12-07 (benchmarks/methods_tuning.md) at the constant rate of the world
+# regime then; the world now takes dc_every 4 for EWC-DC (WORLD_METHOD_TRAIN) and a cosine rate, so each row names both.
+GRIDS["novel-dc-every"] = [("ewc-dc", {**LAMBDAS[0], "dc_every": m, "lr_scheduler": "constant"}) for m in (1, 4)]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 

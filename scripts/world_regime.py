@@ -80,6 +80,9 @@ VARIANTS = {
                                                          "token_learning_rate": 1e-3, "rank": 8, "target_modules": WIDE,
                                                          "lr_scheduler": "cosine"},
 }
+# Every variant before round 6's cosine ran at a constant rate, WORLD_TRAIN's then: each names its schedule, so that its
+# row is reproduced now that WORLD_TRAIN decays the rate.
+VARIANTS = {name: {"lr_scheduler": "constant", **values} for name, values in VARIANTS.items()}
 
 
 def guidance_rows(run_dir: Path, guidances: List[float]) -> List[Dict[str, object]]:
