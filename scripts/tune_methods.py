@@ -93,8 +93,15 @@ EQUAL_GRIDS: Dict[str, List[Variant]] = {
     "equal-ti": [("ti", {"token_learning_rate": v}) for v in (1e-3, 3e-4, 3e-3, 1e-2, 3e-2)],
     "equal-ewc": [("ewc", dict(values)) for values in LAMBDAS],
     "equal-ewc-dc": [("ewc-dc", dict(values)) for values in LAMBDAS],
-    "equal-dsc": [("dsc", {"dsc_teachers": teachers, "dsc_iterations": m, "dsc_alpha": alpha})
-                  for teachers in ("one", "all") for m in (333, 1000) for alpha in (1e-3, 1e-2)],
+    # DSC: the methods issue's three remedies for its forgetting inside the budget (changed before any DSC row ran):
+    # more distillation steps M after the task (the spec's schedule, T1 = LoRA_n anchoring the newest concept), every
+    # earlier teacher each step, and distillation interleaved with the task's training. The spec's row first, then
+    # each remedy alone (so `--first 4` judges them), then their combinations.
+    "equal-dsc": [("dsc", dict(values)) for values in (
+        {"dsc_teachers": "one", "dsc_iterations": 50}, {"dsc_teachers": "one", "dsc_iterations": 333},
+        {"dsc_teachers": "all", "dsc_iterations": 50}, {"dsc_teachers": "one", "dsc_schedule": "interleaved"},
+        {"dsc_teachers": "one", "dsc_iterations": 1000}, {"dsc_teachers": "all", "dsc_iterations": 333},
+        {"dsc_teachers": "all", "dsc_iterations": 1000}, {"dsc_teachers": "all", "dsc_schedule": "interleaved"})],
     "equal-dsc+ewc-dc": [("dsc+ewc-dc", {"ewc_lambda": lam, "dsc_teachers": teachers, "dsc_iterations": m})
                          for lam in (1.0, 1e-2) for teachers in ("one", "all") for m in (333, 1000)],
     "equal-c-lora": [("c-lora", {"clora_lambda": lam, "clora_token_init": start, "clora_scope": scope})
