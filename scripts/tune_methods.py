@@ -115,6 +115,9 @@ GRIDS.update(EQUAL_GRIDS)
 # equal-ewc-dc's first configuration. Run 2026-12-07 (benchmarks/methods_tuning.md) at the constant rate of the world
 # regime then; the world now takes dc_every 4 for EWC-DC (WORLD_METHOD_TRAIN) and a cosine rate, so each row names both.
 GRIDS["novel-dc-every"] = [("ewc-dc", {**LAMBDAS[0], "dc_every": m, "lr_scheduler": "constant"}) for m in (1, 4)]
+# The methods issue's cause 2 at the current regime: task 2's DC Fisher taken where every image has p(c_2) > 1 - 1e-6.
+# EWC-DC at equal-ewc-dc's first configuration with the Fisher at a tau re-measured on the trained model.
+GRIDS["novel-fisher-tau"] = [("ewc-dc", {**LAMBDAS[0], "fisher_temperature": "task_end"})]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 

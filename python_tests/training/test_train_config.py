@@ -92,6 +92,9 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"resolution": 20}, r"resolution: must be an integer > 0 and a multiple of 8 .*got 20"),
     ({"pretrained_concept_prompt": "a photo"}, r"pretrained_concept_prompt: 'a photo' has no \{class_word\} placeholder"),
     ({"num_dc_concepts": 1}, r"num_dc_concepts: must be an integer >= 2, got 1"),
+    ({"fisher_temperature": "end"}, r"fisher_temperature: 'end' is not one of task, task_end"),
+    ({"fisher_temperature": "task_end", "temperature": 0.05},
+     r"fisher_temperature: 'task_end' re-measures the auto tau, but temperature is 0.05; set temperature: auto"),
 ])
 def test_bad_fields(make_config, fields, expected):
     with pytest.raises(ValueError, match=expected):  # dsc+ewc-dc reads every setting these cases name
@@ -100,7 +103,7 @@ def test_bad_fields(make_config, fields, expected):
 
 @pytest.mark.parametrize("fields", [
     {"temperature": "auto"}, {"temperature": 0.05}, {"temperature": 2}, {"dc_push": "spec"}, {"dc_push": "none"},
-    {"dc_label_smoothing": 0.1, "dc_c0_weight": 0.0}, {"fisher_normalize": "none"},
+    {"dc_label_smoothing": 0.1, "dc_c0_weight": 0.0}, {"fisher_normalize": "none"}, {"fisher_temperature": "task_end"},
     {"dsc_teacher_pool": "after_distill", "dsc_ewc_penalty": False}, {"num_dc_concepts": 2, "method": "dsc"}])
 def test_good_dc_fields(make_config, fields):
     make_config(**{"method": "dsc+ewc-dc", **fields}).validate()

@@ -256,6 +256,37 @@ def test_dc_fisher_holds_its_information_where_p_cn_saturates(margin):
                                    atol=1e-4 * (want[n].max().item() / raw_mean))
 
 
+def test_fisher_temperature_task_end_takes_the_dc_fisher_at_tau_measured_on_the_trained_model():
+    """fisher_temperature "task_end": tau re-measured as "auto" measures it (RMS of the error gaps over every image and
+    num_dc_timesteps strided pairs), on the LoRA the task has trained, and the raw F_n of -log p(c_n) at that tau."""
+    method, params, task = formulas.toy_method("ewc-dc", temperature="auto", fisher_temperature="task_end",
+                                               num_dc_timesteps=2, fisher_normalize="none", gamma=0.0)
+    models = method.models
+    start_tau = method.temperature
+    with torch.no_grad():  # the task "trains": the LoRA moves, and the error gaps with it
+        for p in params.values():
+            p.mul_(2.0)
+    t, noise = fisher_pairs(models.noise_scheduler, task.latents, [0, 1, 2], 2, task.seed)
+    with torch.no_grad():
+        err = formulas.errors(models, task.latents, formulas.encode(models, S), t, noise)
+    end_tau = (err[:, 1:] - err[:, :1]).pow(2).mean().sqrt().item()
+    assert not 0.8 < end_tau / start_tau < 1.25  # the two taus differ enough for the check below to tell them apart
+    f_n = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in range(3):
+        x0 = task.latents[b:b + 1]
+        t, noise = fisher_pairs(models.noise_scheduler, x0, [b], 2, task.seed)
+        loss = -formulas.log_probs(models, x0, formulas.encode(models, S), t, noise, end_tau)[0, 0]
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            f_n[n] += g ** 2
+    metrics = method.end_task(task)
+    # a difference of float32 errors summed in another order: a tolerance on the errors' scale, not the gaps'
+    assert metrics["fisher_temperature"] == pytest.approx(end_tau, rel=1e-4, abs=1e-5 * err.abs().mean().item())
+    assert metrics["temperature"] == start_tau  # the task's own tau is unchanged (its loss used it)
+    for n in params:
+        # squared float32 gradients of two U-Net batchings (as the per-sample Fisher test)
+        torch.testing.assert_close(method.fisher.fisher[n], f_n[n], rtol=5e-4, atol=1e-5 * f_n[n].abs().max().item())
+
+
 def test_dc_every_m_steps_weights_the_term_m_times_and_skips_it_between():
     """dc_every = 2: step 0 is L_denoise + 2 delta DC + penalty, step 1 EWC's L_denoise + penalty alone."""
     method, params, task = formulas.toy_method("ewc-dc", dc_every=2, delta=0.5)

@@ -97,11 +97,20 @@ class EWCDCSettings(EWCSettings, DCScoreSettings):
     # the penalty every step: about (1 + k T / m) U-Net rows per image per step instead of 1 + k T. A cost lever of
     # the methods issue, to judge on validation; 1 is the spec's every step.
     dc_every: int = setting(1, at_least=1)
+    # The tau of the DC Fisher: "task" = the task's own (the spec's: with "auto", measured at the task's start);
+    # "task_end" = measured again as "auto" measures it, on the model the task has trained. At the start-of-task tau a
+    # task the model ends up classifying with p(c_n) ~ 1 gives a Fisher that sees only the nearest competitor
+    # (novel-same-class-val, task 2: every image p(c_2) > 1 - 1e-6, raw mean 1e-34..1e-152); the error gaps the task
+    # widened widen the end-of-task tau, so p(c_n) is not saturated there. A remedy to judge on validation.
+    fisher_temperature: str = setting("task", choices=("task", "task_end"))
 
     def problems(self, config) -> List[str]:
         found = super().problems(config)
         if not is_number(self.dc_label_smoothing) or not 0 <= self.dc_label_smoothing < 1:
             found.append(f"dc_label_smoothing: must lie in [0, 1), got {self.dc_label_smoothing!r}")
+        if self.fisher_temperature == "task_end" and self.temperature != "auto":
+            found.append(f"fisher_temperature: 'task_end' re-measures the auto tau, but temperature is "
+                         f"{self.temperature!r}; set temperature: auto, or fisher_temperature: task")
         return found
 
 
@@ -188,12 +197,15 @@ class EWCDC(EWC):
     def fisher_objective(self, task: TaskData) -> FisherObjective:
         """Per-sample H(p_theta(.|x0), c_n) = -log p(c_n) over S, each image's K*T rows in one unchunked pass.
 
+        tau is the task's, or with fisher_temperature "task_end" re-measured on the trained model (recorded).
         A no-grad pass over the task's images first reads how saturated p(c_n) is: the losses are scaled by
         1 / (their largest value) when that is below 1, so that the squared gradients of a task the model
         classifies with p(c_n) ~ 1 stay in float32's range (recorded: the fraction of images whose
         p(c_n) > 1 - 1e-6, and the scale).
         """
         models, settings = self.models, self.settings
+        temperature = (measure_temperature(settings, models, task) if settings.fisher_temperature == "task_end"
+                       else self.temperature)
         with torch.no_grad():
             conds = models.encode(self.concepts(task, None))
 
@@ -202,7 +214,7 @@ class EWCDC(EWC):
             t, noise = fisher_pairs(models.noise_scheduler, x0, ids, settings.fisher_num_timesteps, task.seed)
             rows = len(ids) * conds.shape[0] * t.shape[1]  # unchunked: one forward holds every sample's rows
             log_probs = dc_log_probs(models.unet, models.noise_scheduler, x0, conds, t, noise,
-                                     self.temperature, settings.dc_loss, max_batch=rows, time_ids=task.time_ids_of(ids))
+                                     temperature, settings.dc_loss, max_batch=rows, time_ids=task.time_ids_of(ids))
             return -log_probs[:, 0]
 
         every, size = list(range(task.latents.shape[0])), settings.fisher_batch_size
@@ -211,7 +223,7 @@ class EWCDC(EWC):
         largest = float(unscaled.max())
         scale = 1.0 / largest if 0.0 < largest < 1.0 else 1.0
         record = {"fisher_saturated_fraction": float((unscaled < SATURATED_LOSS).double().mean()),
-                  "fisher_loss_scale": scale}
+                  "fisher_loss_scale": scale, "fisher_temperature": temperature}
         return FisherObjective(lambda ids: scale * losses(ids), scale, record)
 
     def end_task(self, task: TaskData, log: Optional[LogParts] = None) -> Dict[str, float]:
