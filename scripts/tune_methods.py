@@ -153,8 +153,25 @@ def run_variant(method: str, overrides: Dict[str, object], sequence: str, seed: 
             "plasticity": summary.get("plasticity"),
             "bwt_fidelity": summary["bwt_fidelity"], "ammd": summary.get("ammd"),
             "final_accuracy": summary.get("final_accuracy"), "train_seconds": result["summary"]["train_seconds"],
-            "seconds": time.time() - started, "run_dir": result["run_dir"],
+            "seconds": time.time() - started, "run_dir": result["run_dir"], "tasks": task_records(result["run_dir"]),
             "base_model_fingerprint": json.loads((Path(result["run_dir"]) / "run.json").read_text())["base_model_fingerprint"]}
+
+
+# What each task's metrics.json records of what moved and of the Fisher (the methods issue's items 2 and 3), per row.
+TASK_RECORDS = ("lora_change", "token_change", "temperature", "fisher_raw_mean", "fisher_saturated_fraction",
+                "fisher_temperature")
+
+
+def task_records(run_dir: str) -> List[Dict[str, object]]:
+    """TASK_RECORDS of every task of a finished run, in task order (the keys a task's method recorded)."""
+    from dcfast.io.runs import task_dir
+
+    records, index = [], 1
+    while (task_dir(run_dir, index) / "metrics.json").exists():
+        metrics = json.loads((task_dir(run_dir, index) / "metrics.json").read_text())
+        records.append({key: metrics[key] for key in TASK_RECORDS if key in metrics})
+        index += 1
+    return records
 
 
 def table(rows: List[Dict[str, object]]) -> str:

@@ -33,3 +33,19 @@ def test_equal_grids_give_every_method_the_same_budget_of_valid_configurations()
     assert grids["equal-ewc-dc"][0][1] == {"ewc_lambda": default.flat()["ewc_lambda"],
                                            "fisher_normalize": default.flat()["fisher_normalize"]}
     assert tune.PRESETS["equal"][1] == ["novel-same-class-val", "novel-distinct-class-val"]
+
+
+def test_a_row_records_what_moved_in_every_task_in_task_order(tmp_path):
+    import json
+
+    from dcfast.io.runs import task_dir
+
+    tune = _script()
+    written = [{"lora_change": 30.0, "token_change": 0.1, "temperature": 3e-3, "final_loss": 0.07},
+               {"lora_change": 8.0, "token_change": 0.6, "temperature": 1e-2, "fisher_raw_mean": 2e-34,
+                "fisher_saturated_fraction": 1.0, "fisher_temperature": 0.4}]
+    for index, metrics in enumerate(written, start=1):
+        task_dir(tmp_path, index).mkdir(parents=True)
+        (task_dir(tmp_path, index) / "metrics.json").write_text(json.dumps(metrics))
+    records = tune.task_records(str(tmp_path))
+    assert records == [{k: v for k, v in metrics.items() if k != "final_loss"} for metrics in written]
