@@ -218,6 +218,9 @@ def main(argv=None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["variant"], r["sequence"], r["seed"]) for r in rows}
+    outside = [(g, i) for g in args.grid for i in args.only or () if not 1 <= i <= len(GRIDS[g])]
+    if outside:
+        raise SystemExit(f"--only: no such configuration {outside}; positions run from 1 to the grid's length")
     chosen = {g: [v for i, v in enumerate(GRIDS[g][:args.first], start=1) if args.only is None or i in args.only]
               for g in args.grid}
     jobs = [(m, o, s, seed) for g in args.grid for m, o in chosen[g] for s in args.sequence
