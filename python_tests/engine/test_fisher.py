@@ -222,6 +222,12 @@ def test_dc_loss_with_kt_rows_per_image(unet, dc):
     assert rel_err(acc.fisher, via_vmap) <= 1e-4
 
 
+# The DC loss's gradient is a difference of the concepts' error gradients (they cancel), and chunking changes the
+# U-Net's float32 batch shapes: the squared result's relative error reached 1.02e-5 on the avx2 path of an avx512
+# CPU (1e-5 held on the other paths).
+DC_CHUNKED_TOL = 3e-5
+
+
 def chunked(unet, chunk):
     """A forward that runs the U-Net batch in consecutive chunks of `chunk` rows, in one graph."""
 
@@ -241,7 +247,7 @@ def test_dc_loss_chunked_forward(unet, dc, chunk):
     with acc.track(num_samples=2):
         losses(chunked(unet, chunk), *samples).sum().backward()
     unet.zero_grad(set_to_none=True)
-    assert rel_err(acc.fisher, want) <= 1e-5
+    assert rel_err(acc.fisher, want) <= DC_CHUNKED_TOL
 
 
 def test_dc_loss_two_pass_recompute(unet, dc):
@@ -265,7 +271,7 @@ def test_dc_loss_two_pass_recompute(unet, dc):
             out = unet(captured["x"][rows], captured["t"][rows], encoder_hidden_states=captured["text"][rows]).sample
             out.backward(grad_pred[rows])
     unet.zero_grad(set_to_none=True)
-    assert rel_err(acc.fisher, want) <= 1e-5
+    assert rel_err(acc.fisher, want) <= DC_CHUNKED_TOL
 
 
 # -- a small MLP: biases, tokens, chunks, float64 exactness --------------------------------------
