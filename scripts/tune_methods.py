@@ -102,8 +102,8 @@ EQUAL_GRIDS: Dict[str, List[Variant]] = {
     # earlier teacher each step, and distillation interleaved with the task's training. The spec's row first, then
     # each remedy alone (so `--first 4` judges them), then their combinations. The seventh, every teacher at M 1000,
     # gave way (after the first two rows, before it ran) to M 333 at a tenth of the world's rate: the distillation's
-    # fresh AdamW at the world's 3e-3 left the student far from T1 (noise MSE to T1 0.17-0.23 against the task's
-    # denoising loss 0.06-0.08) and erased the newest concept (F[n, n] 0.00-0.19 at M 50 and 333).
+    # fresh AdamW at the world's 3e-3 left the student far from T1 (noise MSE to T1 0.23 after task 2's distillation,
+    # against that task's final denoising loss 0.06) and erased the newest concept (F[n, n] 0.00-0.19 at M 50 and 333).
     "equal-dsc": [("dsc", dict(values)) for values in (
         {"dsc_teachers": "one", "dsc_iterations": 50}, {"dsc_teachers": "one", "dsc_iterations": 333},
         {"dsc_teachers": "all", "dsc_iterations": 50}, {"dsc_teachers": "one", "dsc_schedule": "interleaved"},
@@ -167,15 +167,12 @@ TASK_RECORDS = ("lora_change", "token_change", "temperature", "fisher_raw_mean",
 
 
 def task_records(run_dir: str) -> List[Dict[str, object]]:
-    """TASK_RECORDS of every task of a finished run, in task order (the keys a task's method recorded)."""
-    from dcfast.io.runs import task_dir
+    """TASK_RECORDS of every finished task of a run, in task order (the keys a task's method recorded)."""
+    from dcfast.io.runs import Run
 
-    records, index = [], 1
-    while (task_dir(run_dir, index) / "metrics.json").exists():
-        metrics = json.loads((task_dir(run_dir, index) / "metrics.json").read_text())
-        records.append({key: metrics[key] for key in TASK_RECORDS if key in metrics})
-        index += 1
-    return records
+    run = Run(run_dir)
+    return [{key: metrics[key] for key in TASK_RECORDS if key in metrics}
+            for metrics in map(run.metrics, run.finished_tasks())]
 
 
 def table(rows: List[Dict[str, object]]) -> str:
