@@ -11,7 +11,10 @@ For every task state j (the model after task j) and every concept i <= j seen by
 - fidelity F[i, j] (only for the tiny world's concepts, docs/world.md): the fraction of `fidelity_images`
   samples of concept i's prompt under state j that the oracle (`dcfast.world.oracle`) judges to carry every
   defining attribute of concept i (shape and colour, `dcfast.world.scenes.DEFINING`); shape-only, colour-only,
-  pattern-only and background-only beside it.
+  pattern-only and background-only beside it;
+- overwrite O[i, j] (world runs, i < j): the fraction of those samples of concept i's prompt under state j that
+  the oracle judges to carry concept j's defining attributes instead: forgetting by the newest concept taking
+  over the earlier prompts (the token ignored), told apart from forgetting by degradation.
 
 The run directory is read through its one reader, `dcfast.io.runs.Run` (and `load_pipeline` for a task state).
 Concepts without a held-out folder are evaluated on their training images; the report says so.
@@ -78,6 +81,7 @@ class TaskEval:
     seconds_per_image: List[float]  # DC classification time per held-out image
     unet_evals_per_image: List[float]
     fidelity: Optional[List[Dict[str, float]]] = None  # world concepts: oracle.fidelity per concept
+    overwrite: Optional[List[float]] = None  # world concepts i < j: fidelity of concept i's samples to concept j
     samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8 (n, 3, H, W)
 
     def to_dict(self) -> dict:
@@ -101,6 +105,7 @@ class EvalResult:
     summary: Dict[str, Optional[float]]
     config: dict
     fidelity: Optional[Dict[str, torch.Tensor]] = None  # world runs: "all", then one matrix per attribute
+    overwrite: Optional[torch.Tensor] = None  # world runs: O[i, j], NaN where i >= j
     samples: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # (i, j) -> uint8
     real_samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8
 
@@ -113,7 +118,8 @@ class EvalResult:
                             for k, v in self.summary.items()},
                 "accuracy": matrix(self.accuracy), "mmd": matrix(self.mmd), "i2i": matrix(self.i2i),
                 "seconds_per_image": matrix(self.seconds_per_image), "config": self.config,
-                "fidelity": None if self.fidelity is None else {k: matrix(m) for k, m in self.fidelity.items()}}
+                "fidelity": None if self.fidelity is None else {k: matrix(m) for k, m in self.fidelity.items()},
+                "overwrite": matrix(self.overwrite)}
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -162,11 +168,14 @@ _NOT_A_WORLD_RUN = ("{run_dir}: fidelity_only needs a tiny-world run (concepts t
                     "images are not world renders: evaluate it without fidelity_only (--fidelity_only)")
 
 
-def _fidelity(oracle, generated: torch.Tensor, concept, config: EvalConfig) -> Dict[str, float]:
-    """The oracle's fidelity of the first `fidelity_images` samples to the concept (per attribute and "all")."""
+def _fidelity(oracle, generated: torch.Tensor, concept, newest, config: EvalConfig) -> Tuple[Dict[str, float],
+                                                                                               Optional[float]]:
+    """The oracle's fidelity of the first `fidelity_images` samples to the concept (per attribute and "all"), and
+    their fidelity ("all") to the state's `newest` concept (None when that is the concept itself)."""
     from dcfast.world.oracle import fidelity, read_attributes
 
-    return fidelity(read_attributes(oracle, generated[:config.fidelity_images]), concept)
+    readings = read_attributes(oracle, generated[:config.fidelity_images])
+    return fidelity(readings, concept), None if newest is concept else fidelity(readings, newest)["all"]
 
 
 def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, features=None,
@@ -201,7 +210,7 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
     if config.fidelity_only and concepts is None:
         raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
     column = TaskEval(task_index, [], [], [] if is_clip and not config.fidelity_only else None, [], [],
-                      [] if concepts is not None else None)
+                      [] if concepts is not None else None, [] if concepts is not None else None)
     for task in tasks[:task_index]:
         i = task.index
         if not config.fidelity_only:
@@ -219,7 +228,10 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
         generated = generate(pipe, task.prompt, count, num_inference_steps=config.num_inference_steps,
                              guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(config.seed + i))
         if concepts is not None:
-            column.fidelity.append(_fidelity(oracle, generated, concepts[i - 1], config))
+            own, newest = _fidelity(oracle, generated, concepts[i - 1], concepts[task_index - 1], config)
+            column.fidelity.append(own)
+            if newest is not None:
+                column.overwrite.append(newest)
         if not config.fidelity_only:
             if i not in real_features:
                 real_features[i] = features(real)
@@ -296,7 +308,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     nan = torch.full((n, n), float("nan"), dtype=torch.float64)
     acc, mmd, sec = nan.clone(), nan.clone(), nan.clone()
     i2i = None
-    oracle, fid = None, None
+    oracle, fid, overwrite = None, None, None
     concepts = world_concepts(tasks)
     if config.fidelity_only and concepts is None:
         raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
@@ -305,6 +317,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
 
         oracle = _load_oracle(config)
         fid = {name: nan.clone() for name in ("all",) + tuple(ATTRIBUTES)}
+        overwrite = nan.clone()
     samples, real_features = {}, {}
     with tqdm(total=n * (n + 1) // 2, desc="eval (state, concept)", disable=not config.progress) as bar:
         for j in range(1, n + 1):
@@ -321,6 +334,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
             if fid is not None:
                 for name, m in fid.items():
                     m[:j, j - 1] = torch.tensor([f[name] for f in column.fidelity], dtype=torch.float64)
+                overwrite[:j - 1, j - 1] = torch.tensor(column.overwrite, dtype=torch.float64)
             samples.update({(i, j): s for i, s in column.samples.items()})
     size = None
     real_samples = {}
@@ -342,6 +356,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     })
     if fid is not None:
         summary.update(metrics.fidelity_summary(fid["all"], fid["shape"], fid["colour"]))
+        summary["final_overwrite"] = metrics.final_overwrite(overwrite)
     task_info = [{"index": t.index, "token": t.token, "class_word": t.class_word, "prompt": t.prompt,
                   "pretrained_concept_prompt": t.pretrained_concept_prompt,
                   "eval_split": "held-out" if t.eval_images is not None else "train",
@@ -349,5 +364,6 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
                  for t, recorded in zip(tasks, task_metrics)]
     return EvalResult(run_dir=os.fspath(run_dir), method=method or label, features=extractor.name, tasks=task_info,
                       accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary, fidelity=fid,
+                      overwrite=overwrite,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},
                       samples=samples, real_samples=real_samples)

@@ -15,7 +15,7 @@ It is unbiased, so two samples of one distribution give values around 0, possibl
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -97,6 +97,15 @@ def forgetting(matrix: torch.Tensor, name: str = "accuracy") -> float:
         return 0.0
     before_final = torch.nan_to_num(matrix[:n - 1, :n - 1], nan=-math.inf).amax(dim=1)
     return float((before_final - matrix[:n - 1, -1]).mean())
+
+
+def final_overwrite(overwrite: torch.Tensor) -> Optional[float]:
+    """Mean over the first N-1 concepts of O[i, N]: how much of the final model's samples of each earlier prompt
+    draw the newest concept instead (None when N = 1: no earlier prompt)."""
+    n = overwrite.shape[0]
+    if overwrite.shape != (n, n):
+        raise ValueError(f"overwrite must be a square (N, N) matrix, got shape {tuple(overwrite.shape)}")
+    return float(overwrite[:n - 1, -1].mean()) if n > 1 else None
 
 
 def summary(accuracy: torch.Tensor, mmd: torch.Tensor) -> Dict[str, float]:

@@ -135,6 +135,9 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
         for name, matrix in data["fidelity"].items():
             label = "every defining attribute (shape and colour)" if name == "all" else f"{name} only"
             lines += ["", f"### F[i, j]: {label}", "", _matrix_table(matrix, digits=3)]
+        if data.get("overwrite") is not None:
+            lines += ["", "### O[i, j]: concept i's prompt drawing concept j, the newest (i < j; final mean "
+                      f"{_fmt(s.get('final_overwrite'))})", "", _matrix_table(data["overwrite"], digits=3)]
     lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in images.items()]
     return "\n".join(lines) + "\n"
 

@@ -99,6 +99,14 @@ def test_forgetting_counts_the_best_earlier_state_not_the_final_one():
     assert s["plasticity"] == pytest.approx((0.8 + 0.5 + 0.2) / 3)
 
 
+def test_final_overwrite_averages_the_earlier_concepts_at_the_final_state():
+    overwrite = torch.tensor([[nan, 0.5, 0.25], [nan, nan, 0.75], [nan, nan, nan]])
+    assert metrics.final_overwrite(overwrite) == pytest.approx((0.25 + 0.75) / 2)
+    assert metrics.final_overwrite(torch.tensor([[nan]])) is None
+    with pytest.raises(ValueError, match=r"square \(N, N\)"):
+        metrics.final_overwrite(torch.zeros(2, 3))
+
+
 def test_matrix_shape_errors():
     with pytest.raises(ValueError, match=r"square \(N, N\)"):
         metrics.ammd(torch.zeros(2, 3))

@@ -201,6 +201,19 @@ def test_fidelity_is_one_on_the_concept_and_zero_on_another(oracle):
     assert other["colour"] == 0.0
 
 
+def test_overwrite_reads_an_earlier_prompt_drawing_the_newest_concept(oracle):
+    """Samples of an earlier concept's prompt that show the state's newest concept: fidelity 0 to their own
+    concept, overwrite 1; no overwrite is read for the newest concept's own prompt."""
+    from dcfast.eval.evaluation import EvalConfig, _fidelity
+
+    earlier, newest = world.get_concept("green-star"), world.get_concept("red-star")
+    drawn = renders(newest, 32, 5).float() / 255
+    own, overwrite = _fidelity(oracle, drawn, earlier, newest, EvalConfig(fidelity_images=32))
+    assert own["all"] == 0.0 and overwrite == 1.0
+    assert _fidelity(oracle, drawn, newest, newest, EvalConfig(fidelity_images=32)) == (
+        fidelity(read_attributes(oracle, drawn), newest), None)
+
+
 def test_fidelity_of_a_hand_made_reading():
     concept = world.get_concept("green-star")
     labels = concept.labels()
@@ -265,7 +278,11 @@ def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
     assert summary["final_shape_fidelity"] == pytest.approx((first[1] + data["fidelity"]["shape"][1][1]) / 2)
     assert summary["fidelity_forgetting"] == pytest.approx(matrix[0][0] - matrix[0][1])
     assert summary["bwt_fidelity"] == pytest.approx(matrix[0][1] - matrix[0][0])
-    assert "Concept fidelity" in (eval_dir / "report.md").read_text()
+    overwrite = data["overwrite"]  # concept 1's prompt at state 2 read as concept 2; nothing else defined
+    assert overwrite[0][0] is None and overwrite[1] == [None, None] and 0 <= overwrite[0][1] <= 1
+    assert summary["final_overwrite"] == overwrite[0][1]
+    report = (eval_dir / "report.md").read_text()
+    assert "Concept fidelity" in report and "O[i, j]: concept i's prompt drawing concept j" in report
     with Image.open(eval_dir / "fidelity.png") as image:
         image.verify()
     assert "final fidelity" in result["table"]
