@@ -81,7 +81,7 @@ def test_bad_images(make_config, tmp_path, case, expected):
     ({"dc_push": "pull"}, r"dc_push: 'pull' is not one of spec, complement, none"),
     ({"dc_label_smoothing": 1.0}, r"dc_label_smoothing: must lie in \[0, 1\), got 1.0"),
     ({"dc_c0_weight": -1.0}, r"dc_c0_weight: must be a number >= 0, got -1.0"),
-    ({"fisher_normalize": "max"}, r"fisher_normalize: 'max' is not one of mean, none"),
+    ({"fisher_normalize": "max"}, r"fisher_normalize: 'max' is not one of mean, none, merged"),
     ({"dsc_teacher_pool": "latest"}, r"dsc_teacher_pool: 'latest' is not one of before_distill, after_distill"),
     ({"lr_scheduler": "cosine_typo"}, r"lr_scheduler: 'cosine_typo' is not one of constant, constant_with_warmup, "
                                       r"linear, cosine, cosine_with_restarts, polynomial"),

@@ -150,9 +150,11 @@ def _per_sample_loss(name, models, x0, image_id, seed):
 
 @pytest.mark.parametrize("name, normalize, prediction", [
     ("ewc-dc", "none", "epsilon"), ("ewc-dc", "mean", "epsilon"), ("ewc", "none", "epsilon"), ("ewc", "mean", "epsilon"),
-    ("ewc-dc", "mean", "v_prediction"), ("ewc", "none", "v_prediction")])
+    ("ewc-dc", "mean", "v_prediction"), ("ewc", "none", "v_prediction"), ("ewc-dc", "merged", "epsilon"),
+    ("ewc", "merged", "epsilon")])
 def test_fisher_is_per_sample_normalised_and_merged_online(name, normalize, prediction):
-    """F <- gamma F + F_n / s, F_n = sum_b (d loss_b / d theta)^2 by one autograd.grad per image, s = mean(F_n) or 1.
+    """F <- gamma F + F_n / s, F_n = sum_b (d loss_b / d theta)^2 by one autograd.grad per image, s = mean(F_n) or 1;
+    "merged" then divides the merged F by its mean.
 
     For a v-prediction scheduler both losses compare with v = sqrt(abar) eps - sqrt(1 - abar) x0."""
     method, params, task = formulas.toy_method(name, gamma=0.5, fisher_batch_size=2, fisher_normalize=normalize,
@@ -164,14 +166,18 @@ def test_fisher_is_per_sample_normalised_and_merged_online(name, normalize, pred
         for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
             f_n[n] += g ** 2
     mean = (sum(f.sum() for f in f_n.values()) / sum(f.numel() for f in f_n.values())).item()
-    s = mean if normalize == "mean" else 1.0
+    s = mean if normalize in ("mean", "merged") else 1.0
     past = {n: torch.rand_like(p) * f_n[n].max() / s for n, p in params.items()}  # both terms of the merge count
     for n in params:
         method.fisher.fisher[n].copy_(past[n])
     metrics = method.end_task(task)  # F_n in chunks of 2 images
     assert metrics["fisher_raw_mean"] == pytest.approx(mean, rel=1e-4)
+    want_all = {n: 0.5 * past[n] + f_n[n] / s for n in params}
+    if normalize == "merged":  # the merged F has mean 1: the penalty's total is lambda whatever the tasks held
+        merged = sum(w.double().sum() for w in want_all.values()) / sum(p.numel() for p in params.values())
+        want_all = {n: w / merged.item() for n, w in want_all.items()}
     for n in params:
-        want = 0.5 * past[n] + f_n[n] / s
+        want = want_all[n]
         # squared float32 gradients of two U-Net batchings: 2x the gradients' relative rounding (seen: 1.3e-4)
         torch.testing.assert_close(method.fisher.fisher[n], want, rtol=5e-4, atol=1e-5 * want.abs().max().item())
         assert torch.equal(method.anchor[n], params[n].detach())

@@ -4,7 +4,8 @@
     L = L_denoise + (lambda/2) sum F (theta - theta*)^2,   theta* = the LoRA at the end of the last task
 
 s = mean of F_n over every LoRA entry (fisher_normalize "mean", the default) or 1 ("none"): with s,
-lambda means the same for EWC and EWC-DC, whose raw Fisher sums differ by orders of magnitude.
+lambda means the same for EWC and EWC-DC, whose raw Fisher sums differ by orders of magnitude. "merged" also
+divides the merged F by its mean, so the penalty's total stays lambda however many tasks it holds.
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ class EWCSettings(MethodSettings):
     # and the DC loss (measured 120x at tau = 1, 1/100 at tau = 0.01), and change with tau, image count and T.
     # With "mean", every task adds mean 1, gamma keeps its meaning (an old task weighs gamma^age), and the merged
     # F has mean sum_age gamma^age <= 1/(1 - gamma). "none": the raw per-sample sums (docs/design.md as written).
-    fisher_normalize: str = setting("mean", choices=("mean", "none"))
+    # "merged": as "mean", then the merged F divided by its mean, so every task meets a penalty of mean lambda
+    # (with "mean" it grows with the tasks held: 1.9 at task 3 for gamma 0.9), the tasks sharing it by gamma^age.
+    # Novel-same-class-val: EWC-DC at lambda 0.1 ("mean") kept concepts 1 and 2 through task 2, then learned nothing
+    # in task 3 under the grown penalty (benchmarks/methods_tuning.md).
+    fisher_normalize: str = setting("mean", choices=("mean", "none", "merged"))
 
     def problems(self, config) -> List[str]:
         found = super().problems(config)
@@ -110,11 +115,15 @@ class EWC(Method):
         self.fisher.all_reduce_()
         new = list(self.fisher.fisher.values())
         scaled_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))
-        if settings.fisher_normalize == "mean" and scaled_mean > 0:
+        if settings.fisher_normalize in ("mean", "merged") and scaled_mean > 0:
             torch._foreach_mul_(new, 1.0 / scaled_mean)
         elif settings.fisher_normalize == "none" and objective.scale != 1.0:
             torch._foreach_mul_(new, objective.scale ** -2)  # the raw F_n (a saturated one may round to 0 here)
         torch._foreach_add_(new, past, alpha=settings.gamma)  # F <- gamma F + F_n / s
+        if settings.fisher_normalize == "merged":
+            merged_mean = float(sum(f.double().sum() for f in new) / sum(f.numel() for f in new))
+            if merged_mean > 0:
+                torch._foreach_mul_(new, 1.0 / merged_mean)
         self.anchor = lora_state(models.unet)
         return {"fisher_sum": float(sum(f.sum() for f in new)), "fisher_raw_mean": scaled_mean / objective.scale ** 2,
                 **objective.record}
