@@ -171,11 +171,11 @@ _NOT_A_WORLD_RUN = ("{run_dir}: fidelity_only needs a tiny-world run (concepts t
 def _fidelity(oracle, generated: torch.Tensor, concept, newest, config: EvalConfig) -> Tuple[Dict[str, float],
                                                                                                Optional[float]]:
     """The oracle's fidelity of the first `fidelity_images` samples to the concept (per attribute and "all"), and
-    their fidelity ("all") to the state's `newest` concept (None when that is the concept itself)."""
+    their fidelity ("all") to the state's `newest` concept (None when `newest` is None: the concept is the newest)."""
     from dcfast.world.oracle import fidelity, read_attributes
 
     readings = read_attributes(oracle, generated[:config.fidelity_images])
-    return fidelity(readings, concept), None if newest is concept else fidelity(readings, newest)["all"]
+    return fidelity(readings, concept), None if newest is None else fidelity(readings, newest)["all"]
 
 
 def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, features=None,
@@ -228,10 +228,11 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
         generated = generate(pipe, task.prompt, count, num_inference_steps=config.num_inference_steps,
                              guidance_scale=config.guidance_scale, generator=torch.Generator().manual_seed(config.seed + i))
         if concepts is not None:
-            own, newest = _fidelity(oracle, generated, concepts[i - 1], concepts[task_index - 1], config)
+            newest = concepts[task_index - 1] if i < task_index else None
+            own, overwritten = _fidelity(oracle, generated, concepts[i - 1], newest, config)
             column.fidelity.append(own)
-            if newest is not None:
-                column.overwrite.append(newest)
+            if overwritten is not None:
+                column.overwrite.append(overwritten)
         if not config.fidelity_only:
             if i not in real_features:
                 real_features[i] = features(real)

@@ -102,9 +102,8 @@ def forgetting(matrix: torch.Tensor, name: str = "accuracy") -> float:
 def final_overwrite(overwrite: torch.Tensor) -> Optional[float]:
     """Mean over the first N-1 concepts of O[i, N]: how much of the final model's samples of each earlier prompt
     draw the newest concept instead (None when N = 1: no earlier prompt)."""
+    overwrite = _check_matrix("overwrite", overwrite)
     n = overwrite.shape[0]
-    if overwrite.shape != (n, n):
-        raise ValueError(f"overwrite must be a square (N, N) matrix, got shape {tuple(overwrite.shape)}")
     return float(overwrite[:n - 1, -1].mean()) if n > 1 else None
 
 

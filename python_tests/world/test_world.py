@@ -210,7 +210,7 @@ def test_overwrite_reads_an_earlier_prompt_drawing_the_newest_concept(oracle):
     drawn = renders(newest, 32, 5).float() / 255
     own, overwrite = _fidelity(oracle, drawn, earlier, newest, EvalConfig(fidelity_images=32))
     assert own["all"] == 0.0 and overwrite == 1.0
-    assert _fidelity(oracle, drawn, newest, newest, EvalConfig(fidelity_images=32)) == (
+    assert _fidelity(oracle, drawn, newest, None, EvalConfig(fidelity_images=32)) == (
         fidelity(read_attributes(oracle, drawn), newest), None)
 
 
