@@ -2,6 +2,7 @@
 
     python scripts/tune_methods.py --grid lambda [--sequence known-same-class-val] [--seeds 0] [--workers 2]
     python scripts/tune_methods.py --preset equal      # the methods issue's equal tuning on the novel world
+    python scripts/tune_methods.py --rank ROWS.jsonl --grid equal-ewc [--sequence ...] [--seeds ...]  # the rule's order
 
 Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
 lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
@@ -194,6 +195,30 @@ def task_records(run_dir: str) -> List[Dict[str, object]]:
             for metrics in map(run.metrics, run.finished_tasks())]
 
 
+TIE = 1 / 32  # one sample of the 32 the oracle judges per (concept, state)
+
+
+def rank(rows: List[Dict[str, object]], grid: List[Variant]) -> List[Dict[str, object]]:
+    """The grid's configurations that have rows, best first by the selection rule: the highest mean final fidelity
+    over their runs; within TIE of it, the lower mean fidelity forgetting; then the one listed first in the grid.
+    Each entry: position in the grid (from 1), variant, runs, mean final fidelity, mean fidelity forgetting."""
+    entries = []
+    for position, (method, overrides) in enumerate(grid, start=1):
+        runs = [r for r in rows if r["variant"] == variant_name(method, overrides)]
+        if runs:
+            entries.append({"position": position, "variant": runs[0]["variant"], "runs": len(runs),
+                            "final_fidelity": sum(r["final_fidelity"] for r in runs) / len(runs),
+                            "fidelity_forgetting": sum(r["fidelity_forgetting"] for r in runs) / len(runs)})
+    ranked = []
+    while entries:
+        best = max(e["final_fidelity"] for e in entries)
+        near = [e for e in entries if e["final_fidelity"] >= best - TIE]
+        chosen = min(near, key=lambda e: (e["fidelity_forgetting"], e["position"]))
+        ranked.append(chosen)
+        entries.remove(chosen)
+    return ranked
+
+
 def table(rows: List[Dict[str, object]]) -> str:
     lines = ["| variant | sequence | seed | F[1,1] | F[1,N] | F[i,i] | final fidelity | fidelity forgetting | "
              "train s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -218,6 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     parser.add_argument("--workdir", default="runs/tune", help="runs and rows.jsonl go here")
     parser.add_argument("--output", default=None, help="markdown table of every row (default: <workdir>/tuning.md)")
+    parser.add_argument("--rank", metavar="ROWS", default=None,
+                        help="run nothing: order each --grid's configurations by the rule over the rows of this "
+                             "rows.jsonl on --sequence and --seeds")
     args = parser.parse_args(argv)
     if args.preset:
         args.grid, args.sequence, args.seeds = (list(v) for v in PRESETS[args.preset])
@@ -229,6 +257,17 @@ def main(argv=None) -> None:
     not_val = [s for s in args.sequence if not s.endswith("-val")]
     if not_val:
         raise SystemExit(f"--sequence: {not_val} are not validation sequences; tune on *-val only")
+    if args.rank:
+        if not Path(args.rank).is_file():
+            raise SystemExit(f"--rank: no rows file {args.rank}; give a rows.jsonl that tune_methods.py wrote")
+        rows = [json.loads(line) for line in Path(args.rank).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["sequence"] in args.sequence and r["seed"] in args.seeds]
+        for g in args.grid:
+            print(f"{g}: position, variant, runs, mean final fidelity, mean fidelity forgetting (best first)")
+            for e in rank(rows, GRIDS[g]):
+                print(f"  {e['position']}  {e['variant']}  {e['runs']}  {e['final_fidelity']:.3f}  "
+                      f"{e['fidelity_forgetting']:.3f}")
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = Path(args.workdir) / "rows.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)

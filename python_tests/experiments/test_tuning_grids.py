@@ -49,3 +49,21 @@ def test_a_row_records_what_moved_in_every_task_in_task_order(tmp_path):
         (task_dir(tmp_path, index) / "metrics.json").write_text(json.dumps(metrics))
     records = tune.task_records(str(tmp_path))
     assert records == [{k: v for k, v in metrics.items() if k != "final_loss"} for metrics in written]
+
+
+def test_rank_orders_by_mean_final_then_forgetting_within_one_sample_then_grid_order():
+    tune = _script()
+    grid = [("ewc", {"ewc_lambda": v}) for v in (1.0, 0.1, 0.01, 0.001)]
+
+    def row(lam, final, forgetting, seed):
+        return {"variant": tune.variant_name("ewc", {"ewc_lambda": lam}), "final_fidelity": final,
+                "fidelity_forgetting": forgetting, "seed": seed}
+
+    rows = [row(1.0, 0.50, 0.30, 0), row(1.0, 0.38, 0.10, 1),   # the best mean final 0.44, forgetting 0.20
+            row(0.1, 0.42, 0.05, 0),                            # within 1/32 of the best, forgets least: first
+            row(0.01, 0.44, 0.20, 0),                           # ties lambda 1 on both means: grid order decides
+            row(0.5, 0.99, 0.00, 0)]                            # not in the grid: ignored
+    ranked = tune.rank(rows, grid)
+    assert [e["position"] for e in ranked] == [2, 1, 3]
+    assert ranked[1]["runs"] == 2
+    assert abs(ranked[1]["final_fidelity"] - 0.44) < 1e-12 and abs(ranked[1]["fidelity_forgetting"] - 0.20) < 1e-12
