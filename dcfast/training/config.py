@@ -62,9 +62,15 @@ class TrainConfig:
 
     # Prompts. c_i = tasks[i].prompt with {token}=<v_i>; c_0 = pretrained_concept_prompt.
     token_template: str = "<v{index}>"  # the modifier token of task i, {index} = i
-    # c_0, the pretrained concept the DC scores compare against (not diffusers' prior-preservation class prompt:
-    # no class images are generated). The c_0 example of docs/design.md, "a photo of a dog". Formerly class_prompt.
+    # c_0, the pretrained concept the DC scores compare against, and the class prompt of prior preservation. The c_0
+    # example of docs/design.md, "a photo of a dog". Formerly class_prompt.
     pretrained_concept_prompt: str = "a photo of a {class_word}"
+    # Prior preservation (DreamBooth; diffusers' --with_prior_preservation, --prior_loss_weight, --num_class_images):
+    # every method that trains the U-Net also learns the base model's own samples of each class prompt c_0, sampled
+    # once before the first task (output_dir/prior_images.safetensors), so the class words keep drawing what they drew.
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = setting(1.0, nonnegative=True)  # weight of the class images' denoising loss (diffusers' 1.0)
+    num_class_images: int = setting(32, at_least=1)  # class images per class prompt (diffusers' default 100; fewer: CPU runs)
 
     # LoRA. Rank 4 on the attention projections is diffusers' LoRA default; alpha = rank (scale 1)
     # keeps B·A the actual weight change, which the C-LoRA penalty and exports assume.
@@ -257,8 +263,8 @@ def _route(values: Dict[str, Any], method: str):
     """Split flat names into (shared fields, `method`'s settings); renamed, foreign and unknown names raise."""
     for old, new in RENAMED.items():
         if old in values:
-            raise ValueError(f"{old}: this field was renamed to {new} (c_0, the pretrained concept; not diffusers' "
-                             f"prior-preservation prompt); rename the key or flag to {new}")
+            raise ValueError(f"{old}: this field was renamed to {new} (c_0, the pretrained concept, which is also "
+                             f"prior preservation's class prompt); rename the key or flag to {new}")
     shared = {k: v for k, v in values.items() if k in _SHARED and k != "method_settings"}
     rest = {k: v for k, v in values.items() if k not in shared}
     if not rest:

@@ -111,26 +111,28 @@ def validation_prompts(config, plan: List[Task], n: int) -> List[str]:
 
 
 @torch.no_grad()
-def sample_validation(config, components, models, prompts: List[str]) -> List[torch.Tensor]:
-    """`num_validation_images` DDIM samples per prompt from the live model (the task state just written),
-    seeded by the run's seed so that every task's grid starts from the same noise: (n, 3, H, W) in [0, 1] each."""
+def sample_images(config, components, models, prompt: str, count: int, seed: int) -> torch.Tensor:
+    """`count` DDIM samples of `prompt` from the live model at the run's validation steps and guidance, seeded by
+    `seed`: (count, 3, H, W) in [0, 1]."""
     from types import SimpleNamespace
 
     from dcfast.eval.sampling import generate
 
-    vae = components.vae
     pipe = SimpleNamespace(unet=models.unet, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                            text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
-                           scheduler=models.noise_scheduler, vae=vae,
+                           scheduler=models.noise_scheduler, vae=components.vae,
                            vae_scale_factor=components.vae_scale_factor)
-    images = []
     with models.accelerator.autocast():
-        for prompt in prompts:
-            images.append(generate(pipe, prompt, config.num_validation_images,
-                                   num_inference_steps=config.validation_inference_steps,
-                                   guidance_scale=config.validation_guidance_scale,
-                                   generator=torch.Generator().manual_seed(config.seed)))
-    return images
+        return generate(pipe, prompt, count, num_inference_steps=config.validation_inference_steps,
+                        guidance_scale=config.validation_guidance_scale,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def sample_validation(config, components, models, prompts: List[str]) -> List[torch.Tensor]:
+    """`num_validation_images` DDIM samples per prompt from the live model (the task state just written),
+    seeded by the run's seed so that every task's grid starts from the same noise: (n, 3, H, W) in [0, 1] each."""
+    return [sample_images(config, components, models, prompt, config.num_validation_images, config.seed)
+            for prompt in prompts]
 
 
 def _pixels(images: torch.Tensor) -> np.ndarray:

@@ -53,6 +53,16 @@ def problems(config) -> List[str]:
     if "{class_word}" not in config.pretrained_concept_prompt:
         found.append(f"pretrained_concept_prompt: {config.pretrained_concept_prompt!r} has no {{class_word}} placeholder; "
                      f"e.g. 'a photo of a {{class_word}}'")
+    if config.with_prior_preservation:
+        def prior_checks() -> None:
+            try:
+                method = get_method(config.method)
+            except ValueError:
+                return  # the method's own check names it
+            if not method.trains_lora:
+                raise ValueError(f"method {config.method!r} trains no U-Net weight, so the class images would change "
+                                 f"nothing; set with_prior_preservation false")
+        check("with_prior_preservation", prior_checks)
     if config.resolution is not None and (not isinstance(config.resolution, int) or isinstance(config.resolution, bool)
                                           or config.resolution <= 0 or config.resolution % 8):
         found.append(f"resolution: must be an integer > 0 and a multiple of 8 (the VAE downsamples by 8), got "

@@ -25,6 +25,7 @@ from dcfast.training.config import RENAMED, TrainConfig
 from dcfast.training.settings import resumable
 from dcfast.io.images import augment, center_offsets, crop_geometry, load_images, load_resized
 from dcfast.training.methods import Method, Models, TaskData, get_method
+from dcfast.training.prior import PriorImages, prior_images
 from dcfast.models.loading import Components, load_components
 from dcfast.io.runs import (CONFIG_FILE, EMBEDS_FILES, FISHER_FILE, METRICS_FILE, RUN_FILE, STATE_FILE,
                             TASK_EVAL_FILE, Run, Task, load_tensors, save_tensors, task_dir, write_json)
@@ -271,12 +272,16 @@ def _train(config: TrainConfig, step_callback: Optional[StepCallback], progress:
                 f"{config.variant}); gradient checkpointing = {config.gradient_checkpointing}; trackers = "
                 f"{[t.name for t in accelerator.trackers]}; validation prompts = {len(config.validation_prompts)}")
 
+    prior = prior_images(config, components, models, plan, done, resolution,
+                         lambda images: _encode_images(components, images.to(device)))
+
     result = TrainResult(Path(config.output_dir), method=method)
     for task in plan[:done]:
         result.task_dirs.append(task_dir(config.output_dir, task.index))
         result.metrics.append(Run(config.output_dir).metrics(task.index))
     for phase in _phases(method, plan, done):
-        metrics = _train_task(config, components, models, method, plan, phase, resolution, checkpoint, step_callback)
+        metrics = _train_task(config, components, models, method, plan, phase, resolution, checkpoint, step_callback,
+                              prior)
         checkpoint = None
         for task in phase:
             result.task_dirs.append(task_dir(config.output_dir, task.index))
@@ -299,8 +304,9 @@ def _phases(method: Method, plan: List[Task], done: int) -> List[List[Task]]:
 
 def _train_task(config: TrainConfig, components: Components, models: Models, method: Method, plan: List[Task],
                 phase: List[Task], resolution: int, checkpoint: Optional[ckpt.Checkpoint],
-                step_callback: Optional[StepCallback]) -> Dict[str, float]:
-    """Train one phase: a task (sequential methods) or every task at once (joint), for max_train_steps per task."""
+                step_callback: Optional[StepCallback], prior: Optional[PriorImages] = None) -> Dict[str, float]:
+    """Train one phase: a task (sequential methods) or every task at once (joint), for max_train_steps per task;
+    with `prior`, each micro-step also learns a batch of the class images of the tasks so far."""
     accelerator, first, n = models.accelerator, phase[0].index, phase[-1].index
     started = time.time()
     steps = config.max_train_steps * len(phase)
@@ -374,7 +380,8 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
         history = monitor.LossHistory(ckpt.losses_from(checkpoint), checkpoint.meta.get("loss_parts"))
     losses = history.train["loss"]
 
-    # e. The loop: micro-batches -> loss -> backward; average gradients, clip, step; checkpoint.
+    # e. The loop: micro-batches -> loss (+ the class images' loss) -> backward; average gradients, clip, step; checkpoint.
+    prior_rows = prior.rows_for(plan, n) if prior is not None else None
     label = f"task {n}/{len(plan)}" if len(phase) == 1 else f"tasks {first}-{n} jointly"
     progress = tqdm(range(first_step, steps), initial=first_step, total=steps,
                     desc=f"{label} ({config.method})", disable=not models.shows_progress)
@@ -397,6 +404,11 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
             with accelerator.autocast():
                 loss, logs = (method.loss(x0) if data.image_prompts is None
                               else method.loss(x0, [data.image_prompts[i] for i in batch.tolist()]))
+                if prior is not None:
+                    prior_loss = prior.loss(models, prior_rows, config.train_batch_size, generators["local"],
+                                            config.noise_offset, resolution)
+                    loss = loss + config.prior_loss_weight * prior_loss
+                    logs = {**logs, "prior": prior_loss.item()}
             value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             if not torch.isfinite(torch.tensor(value)):
                 last_checkpoint = ckpt.latest_checkpoint(config.output_dir)

@@ -55,6 +55,11 @@ class Models:
         return encode_conditions(self.text_encoder, self.tokenizer, prompts, text_encoder_2=self.text_encoder_2,
                                  tokenizer_2=self.tokenizer_2)
 
+    def encode_each(self, prompts: List[str]) -> Conditions:
+        """One condition per prompt, (B, L, D), each distinct prompt encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        return self.encode(unique)[torch.tensor([unique.index(p) for p in prompts])]
+
     def text_pairs(self) -> List[Tuple[object, torch.nn.Module]]:
         """(tokenizer, text encoder) of each text encoder the U-Net reads: one, or SDXL's two."""
         pairs = [(self.tokenizer, self.text_encoder)]

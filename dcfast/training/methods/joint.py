@@ -34,8 +34,7 @@ class JointTraining(Method):
 
     def loss(self, x0: torch.Tensor, prompts: Optional[List[str]] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         prompts = prompts if prompts is not None else [self.task.prompt] * x0.shape[0]
-        unique = list(dict.fromkeys(prompts))
-        conds = self.models.encode(unique)[torch.tensor([unique.index(p) for p in prompts])]
+        conds = self.models.encode_each(prompts)
         loss = denoise_loss(self.models.unet, self.models.noise_scheduler, x0, conds, self.task.generator,
                             self.config.noise_offset, self.task.batch_time_ids)
         return loss, {"denoise": loss.item()}
