@@ -146,6 +146,15 @@ GRIDS["novel-fisher-merged"] = [("ewc-dc", {**values, "fisher_normalize": "merge
 # (every method but ti, which tunes its own) is re-chosen on both validation sequences; otherwise it stays.
 GRIDS["novel-token-rate"] = ([("lora", {"token_learning_rate": v}) for v in (1e-3, 1e-2, 3e-2)]
                              + [("ewc-dc", {**LAMBDAS[4], "token_learning_rate": 3e-2})])
+# Every world run draws its newest concept for every prompt, the base model's own words included ("a photo of a red
+# triangle" -> the pink chevron after sequential LoRA; scripts/oracle_readings.py --prompt): the LoRA stops following
+# the text, so no penalty on the personal prompts can keep an earlier concept. DreamBooth's prior preservation (the
+# base model's class images learned beside each task) keeps the class word's meaning. Rule, before the rows: if it
+# lowers sequential LoRA's final overwrite by at least 0.25 with mean F[i, i] >= 0.8 (the yardstick's plasticity bar),
+# or raises a continual method's final fidelity by at least 1/8 over the same configuration without it, the world
+# regime gains it for every method that trains the U-Net (yardstick and equal sweep rerun); otherwise it stays off.
+GRIDS["novel-prior"] = [(method, {**values, "with_prior_preservation": True}) for method, values in (
+    ("lora", {}), ("ewc-dc", LAMBDAS[4]), ("ewc", LAMBDAS[4]), ("dsc", {"dsc_teachers": "one", "dsc_iterations": 50}))]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 
