@@ -184,6 +184,7 @@ def run_variant(method: str, overrides: Dict[str, object], sequence: str, seed: 
             "F11": matrix[0][0], "F1N": matrix[0][-1], "F_diag": [matrix[i][i] for i in range(len(matrix))],
             "final_fidelity": summary["final_fidelity"], "fidelity_forgetting": summary["fidelity_forgetting"],
             "plasticity": summary.get("plasticity"), "final_overwrite": summary.get("final_overwrite"),
+            "final_base_fidelity": summary.get("final_base_fidelity"),
             "bwt_fidelity": summary["bwt_fidelity"], "ammd": summary.get("ammd"),
             "final_accuracy": summary.get("final_accuracy"), "train_seconds": result["summary"]["train_seconds"],
             "seconds": time.time() - started, "run_dir": result["run_dir"], "tasks": task_records(result["run_dir"]),

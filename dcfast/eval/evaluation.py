@@ -14,7 +14,10 @@ For every task state j (the model after task j) and every concept i <= j seen by
   pattern-only and background-only beside it;
 - overwrite O[i, j] (world runs, i < j): the fraction of those samples of concept i's prompt under state j that
   the oracle judges to carry concept j's defining attributes instead: forgetting by the newest concept taking
-  over the earlier prompts (the token ignored), told apart from forgetting by degradation.
+  over the earlier prompts (the token ignored), told apart from forgetting by degradation;
+- base fidelity B[j] (world runs): the fraction of samples of the base model's own prompts (four coloured base
+  shapes, `dcfast.world.scenes.BASE_PROMPT_FACTORS`, `fidelity_images` samples in all) that state j draws with the
+  prompt's shape and colour: whether the state still follows the text, or draws its concepts for every prompt.
 
 The run directory is read through its one reader, `dcfast.io.runs.Run` (and `load_pipeline` for a task state).
 Concepts without a held-out folder are evaluated on their training images; the report says so.
@@ -82,6 +85,7 @@ class TaskEval:
     unet_evals_per_image: List[float]
     fidelity: Optional[List[Dict[str, float]]] = None  # world concepts: oracle.fidelity per concept
     overwrite: Optional[List[float]] = None  # world concepts i < j: fidelity of concept i's samples to concept j
+    base_fidelity: Optional[float] = None  # world runs: the base model's own prompts drawn as they say
     samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8 (n, 3, H, W)
 
     def to_dict(self) -> dict:
@@ -106,6 +110,7 @@ class EvalResult:
     config: dict
     fidelity: Optional[Dict[str, torch.Tensor]] = None  # world runs: "all", then one matrix per attribute
     overwrite: Optional[torch.Tensor] = None  # world runs: O[i, j], NaN where i >= j
+    base_fidelity: Optional[List[float]] = None  # world runs: B[j] per task state
     samples: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # (i, j) -> uint8
     real_samples: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # i -> uint8
 
@@ -119,7 +124,7 @@ class EvalResult:
                 "accuracy": matrix(self.accuracy), "mmd": matrix(self.mmd), "i2i": matrix(self.i2i),
                 "seconds_per_image": matrix(self.seconds_per_image), "config": self.config,
                 "fidelity": None if self.fidelity is None else {k: matrix(m) for k, m in self.fidelity.items()},
-                "overwrite": matrix(self.overwrite)}
+                "overwrite": matrix(self.overwrite), "base_fidelity": self.base_fidelity}
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -176,6 +181,23 @@ def _fidelity(oracle, generated: torch.Tensor, concept, newest, config: EvalConf
 
     readings = read_attributes(oracle, generated[:config.fidelity_images])
     return fidelity(readings, concept), None if newest is None else fidelity(readings, newest)["all"]
+
+
+def _base_fidelity(pipe, oracle, config: EvalConfig) -> float:
+    """B[j]: the fraction of `fidelity_images` samples of the base prompts (split evenly, seeded apart from the
+    concepts') that the oracle reads with their prompt's shape and colour."""
+    from dcfast.world.oracle import read_attributes
+    from dcfast.world.scenes import BASE_PROMPT_FACTORS, COLOUR_NAMES, SHAPES, caption
+
+    count = max(1, config.fidelity_images // len(BASE_PROMPT_FACTORS))
+    hits = []
+    for k, (shape, colour) in enumerate(BASE_PROMPT_FACTORS):
+        images = generate(pipe, caption(SHAPES.index(shape), COLOUR_NAMES.index(colour)), count,
+                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                          generator=torch.Generator().manual_seed(config.seed + 10_000 + k))
+        readings = read_attributes(oracle, images)
+        hits.append((readings["shape"] == SHAPES.index(shape)) & (readings["colour"] == COLOUR_NAMES.index(colour)))
+    return float(torch.cat(hits).double().mean())
 
 
 def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, features=None,
@@ -243,6 +265,8 @@ def evaluate_task(run_dir: str, task_index: int, *, pipe=None, tasks=None, featu
         column.samples[i] = to_uint8(generated[:config.grid_images])
         if progress is not None:
             progress.update(1)
+    if concepts is not None:
+        column.base_fidelity = _base_fidelity(pipe, oracle, config)
     return column
 
 
@@ -309,7 +333,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     nan = torch.full((n, n), float("nan"), dtype=torch.float64)
     acc, mmd, sec = nan.clone(), nan.clone(), nan.clone()
     i2i = None
-    oracle, fid, overwrite = None, None, None
+    oracle, fid, overwrite, base = None, None, None, None
     concepts = world_concepts(tasks)
     if config.fidelity_only and concepts is None:
         raise ValueError(_NOT_A_WORLD_RUN.format(run_dir=run_dir))
@@ -319,6 +343,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
         oracle = _load_oracle(config)
         fid = {name: nan.clone() for name in ("all",) + tuple(ATTRIBUTES)}
         overwrite = nan.clone()
+        base = []
     samples, real_features = {}, {}
     with tqdm(total=n * (n + 1) // 2, desc="eval (state, concept)", disable=not config.progress) as bar:
         for j in range(1, n + 1):
@@ -336,6 +361,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
                 for name, m in fid.items():
                     m[:j, j - 1] = torch.tensor([f[name] for f in column.fidelity], dtype=torch.float64)
                 overwrite[:j - 1, j - 1] = torch.tensor(column.overwrite, dtype=torch.float64)
+                base.append(column.base_fidelity)
             samples.update({(i, j): s for i, s in column.samples.items()})
     size = None
     real_samples = {}
@@ -358,6 +384,7 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
     if fid is not None:
         summary.update(metrics.fidelity_summary(fid["all"], fid["shape"], fid["colour"]))
         summary["final_overwrite"] = metrics.final_overwrite(overwrite)
+        summary["final_base_fidelity"] = base[-1]
     task_info = [{"index": t.index, "token": t.token, "class_word": t.class_word, "prompt": t.prompt,
                   "pretrained_concept_prompt": t.pretrained_concept_prompt,
                   "eval_split": "held-out" if t.eval_images is not None else "train",
@@ -365,6 +392,6 @@ def evaluate(run_dir: str, features: Optional[str] = None, num_images: int = 8, 
                  for t, recorded in zip(tasks, task_metrics)]
     return EvalResult(run_dir=os.fspath(run_dir), method=method or label, features=extractor.name, tasks=task_info,
                       accuracy=acc, mmd=mmd, i2i=i2i, seconds_per_image=sec, summary=summary, fidelity=fid,
-                      overwrite=overwrite,
+                      overwrite=overwrite, base_fidelity=base,
                       config={**asdict(config), "features_path": None if features is None else os.fspath(features)},
                       samples=samples, real_samples=real_samples)

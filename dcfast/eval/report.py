@@ -138,6 +138,11 @@ def _markdown(data: dict, images: Dict[str, str]) -> str:
         if data.get("overwrite") is not None:
             lines += ["", "### O[i, j]: concept i's prompt drawing concept j, the newest (i < j; final mean "
                       f"{_fmt(s.get('final_overwrite'))})", "", _matrix_table(data["overwrite"], digits=3)]
+        if data.get("base_fidelity") is not None:
+            lines += ["", "### B[j]: the base model's own prompts drawn as they say, per task state", "",
+                      "| " + " | ".join(f"state {j}" for j in range(1, len(data["base_fidelity"]) + 1)) + " |",
+                      "|" + "---|" * len(data["base_fidelity"]),
+                      "| " + " | ".join(_fmt(v) for v in data["base_fidelity"]) + " |"]
     lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in images.items()]
     return "\n".join(lines) + "\n"
 

@@ -60,6 +60,9 @@ ATTRIBUTES: Dict[str, tuple] = {"shape": SHAPES, "colour": COLOUR_NAMES, "patter
 # later (0.0-0.06 by state 4), but no run taught the base model a concept's white or black background
 # (<= 0.12) or its dots (<= 0.44). Pattern and background stay read and reported, one matrix each.
 DEFINING = ("shape", "colour")
+# The base model's own words, sampled at every task state of a world run: whether the state still draws what the
+# text says (evaluation's base fidelity). Four coloured base shapes; none is a novel sequence's class word "circle".
+BASE_PROMPT_FACTORS = (("triangle", "red"), ("star", "blue"), ("square", "yellow"), ("cross", "green"))
 SUPERSAMPLE = 2  # 2x2 samples per pixel: smooth edges at a quarter of 4x's cost
 NOISE_STD = 3.0  # pixel noise (of 255): renders are photos of the scene, not flat vector art
 

@@ -214,6 +214,26 @@ def test_overwrite_reads_an_earlier_prompt_drawing_the_newest_concept(oracle):
         fidelity(read_attributes(oracle, drawn), newest), None)
 
 
+def test_base_fidelity_reads_whether_a_state_draws_the_base_prompts_as_they_say(oracle, monkeypatch):
+    """B[j] is 1 for a state that draws each base prompt's shape and colour, and 0 for one that draws a novel
+    concept for every prompt (what every world run's last state did)."""
+    from dcfast.eval import evaluation
+    from dcfast.eval.evaluation import EvalConfig, _base_fidelity
+
+    def obeying(pipe, prompt, count, generator, **kwargs):
+        shape, colour = next((s, c) for s, c in world.BASE_PROMPT_FACTORS if f"{c} {s}" in prompt)
+        return renders(world.Concept("x", shape, colour, "solid", "red", "white"), count, 3).float() / 255
+
+    def collapsed(pipe, prompt, count, generator, **kwargs):
+        return renders(world.get_concept("pink-chevron"), count, 3).float() / 255
+
+    config = EvalConfig(fidelity_images=32)
+    monkeypatch.setattr(evaluation, "generate", obeying)
+    assert _base_fidelity(None, oracle, config) >= 31 / 32
+    monkeypatch.setattr(evaluation, "generate", collapsed)
+    assert _base_fidelity(None, oracle, config) == 0.0
+
+
 def test_fidelity_of_a_hand_made_reading():
     concept = world.get_concept("green-star")
     labels = concept.labels()
@@ -281,8 +301,11 @@ def test_tiny_world_run_reports_fidelity(tmp_path, tiny_model):
     overwrite = data["overwrite"]  # concept 1's prompt at state 2 read as concept 2; nothing else defined
     assert overwrite[0][0] is None and overwrite[1] == [None, None] and 0 <= overwrite[0][1] <= 1
     assert summary["final_overwrite"] == overwrite[0][1]
+    base = data["base_fidelity"]  # one per state
+    assert len(base) == 2 and all(0 <= v <= 1 for v in base) and summary["final_base_fidelity"] == base[-1]
     report = (eval_dir / "report.md").read_text()
     assert "Concept fidelity" in report and "O[i, j]: concept i's prompt drawing concept j" in report
+    assert "B[j]: the base model's own prompts" in report
     with Image.open(eval_dir / "fidelity.png") as image:
         image.verify()
     assert "final fidelity" in result["table"]
