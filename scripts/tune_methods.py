@@ -162,6 +162,14 @@ GRIDS["novel-prior-joint"] = [("joint", {"with_prior_preservation": True})]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 
+def with_prior(grid: List[Variant]) -> List[Variant]:
+    """The grid with prior preservation added to every configuration of a method that trains the U-Net (the regime
+    the novel-prior rule chose, run before WORLD_TRAIN takes it; ti is left as it is)."""
+    from dcfast.training.methods import get_method
+
+    return [(m, {**o, "with_prior_preservation": True} if get_method(m).trains_lora else o) for m, o in grid]
+
+
 def variant_name(method: str, overrides: Dict[str, object]) -> str:
     return method + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
 
@@ -257,6 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     parser.add_argument("--workdir", default="runs/tune", help="runs and rows.jsonl go here")
     parser.add_argument("--output", default=None, help="markdown table of every row (default: <workdir>/tuning.md)")
+    parser.add_argument("--prior", action="store_true",
+                        help="every configuration of a method that trains the U-Net with with_prior_preservation")
     parser.add_argument("--rank", metavar="ROWS", default=None,
                         help="run nothing: order each --grid's configurations by the rule over the rows of this "
                              "rows.jsonl on --sequence and --seeds")
@@ -278,7 +288,7 @@ def main(argv=None) -> None:
         rows = [r for r in rows if r["sequence"] in args.sequence and r["seed"] in args.seeds]
         for g in args.grid:
             print(f"{g}: position, variant, runs, mean final fidelity, mean fidelity forgetting (best first)")
-            for e in rank(rows, GRIDS[g]):
+            for e in rank(rows, with_prior(GRIDS[g]) if args.prior else GRIDS[g]):
                 print(f"  {e['position']}  {e['variant']}  {e['runs']}  {e['final_fidelity']:.3f}  "
                       f"{e['fidelity_forgetting']:.3f}")
         return
@@ -290,7 +300,8 @@ def main(argv=None) -> None:
     outside = [(g, i) for g in args.grid for i in args.only or () if not 1 <= i <= len(GRIDS[g])]
     if outside:
         raise SystemExit(f"--only: no such configuration {outside}; positions run from 1 to the grid's length")
-    chosen = {g: [v for i, v in enumerate(GRIDS[g][:args.first], start=1) if args.only is None or i in args.only]
+    grids = {g: with_prior(GRIDS[g]) if args.prior else GRIDS[g] for g in args.grid}
+    chosen = {g: [v for i, v in enumerate(grids[g][:args.first], start=1) if args.only is None or i in args.only]
               for g in args.grid}
     jobs = [(m, o, s, seed) for g in args.grid for m, o in chosen[g] for s in args.sequence
             for seed in args.seeds if (variant_name(m, o), s, seed) not in done]

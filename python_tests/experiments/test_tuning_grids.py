@@ -67,3 +67,11 @@ def test_rank_orders_by_mean_final_then_forgetting_within_one_sample_then_grid_o
     assert [e["position"] for e in ranked] == [2, 1, 3]
     assert ranked[1]["runs"] == 2
     assert abs(ranked[1]["final_fidelity"] - 0.44) < 1e-12 and abs(ranked[1]["fidelity_forgetting"] - 0.20) < 1e-12
+
+
+def test_with_prior_adds_prior_preservation_to_every_method_that_trains_the_unet():
+    tune = _script()
+    grid = [("lora", {}), ("ti", {"token_learning_rate": 1e-3}), ("ewc-dc", {"ewc_lambda": 0.1})]
+    assert tune.with_prior(grid) == [("lora", {"with_prior_preservation": True}), ("ti", {"token_learning_rate": 1e-3}),
+                                     ("ewc-dc", {"ewc_lambda": 0.1, "with_prior_preservation": True})]
+    assert grid[0] == ("lora", {})  # the grid itself is left as it is
