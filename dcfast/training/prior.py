@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from dcfast.io.atomic import save_safetensors_atomic
 from dcfast.io.runs import Task
 from dcfast.models.prompts import sdxl_time_ids
-from dcfast.training.monitor import sample_images
+from dcfast.training.monitor import process_logger, sample_images
 from dcfast.training.objectives import denoise_loss
 
 PRIOR_FILE = "prior_images.safetensors"
+logger = process_logger(__name__)
 
 
 def class_prompts(plan: List[Task]) -> List[str]:
@@ -78,10 +79,12 @@ def prior_images(config, components, models, plan: List[Task], finished: int, re
                 f"the class images were sampled from the base model at the run's start and cannot be sampled again "
                 f"from the trained one. Restore the file, or train into a new output_dir")
         if accelerator.is_main_process:
+            logger.info(f"  prior preservation: sampling {config.num_class_images} class images of each of "
+                        f"{prompts} from the base model into {path}")
             tensors = {}
             for index, prompt in enumerate(prompts):
                 images = sample_images(config, components, models, prompt, config.num_class_images,
-                                       seed=config.seed * 1000 + index)
+                                       seed=config.seed * 1000 + index)  # one batch per prompt, no grad
                 if images.shape[-1] != resolution:
                     images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
                 tensors[f"class.{index}"] = encode(images * 2 - 1).cpu()
