@@ -3,6 +3,7 @@
     python scripts/tune_methods.py --grid lambda [--sequence known-same-class-val] [--seeds 0] [--workers 2]
     python scripts/tune_methods.py --preset equal      # the methods issue's equal tuning on the novel world
     python scripts/tune_methods.py --rank ROWS.jsonl --grid equal-ewc [--sequence ...] [--seeds ...]  # the rule's order
+    python scripts/tune_methods.py --grid equal-ewc --prior ...   # with prior preservation (run or --rank)
 
 Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
 lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
@@ -281,6 +282,7 @@ def main(argv=None) -> None:
     not_val = [s for s in args.sequence if not s.endswith("-val")]
     if not_val:
         raise SystemExit(f"--sequence: {not_val} are not validation sequences; tune on *-val only")
+    grids = {g: with_prior(GRIDS[g]) if args.prior else GRIDS[g] for g in args.grid}
     if args.rank:
         if not Path(args.rank).is_file():
             raise SystemExit(f"--rank: no rows file {args.rank}; give a rows.jsonl that tune_methods.py wrote")
@@ -288,7 +290,7 @@ def main(argv=None) -> None:
         rows = [r for r in rows if r["sequence"] in args.sequence and r["seed"] in args.seeds]
         for g in args.grid:
             print(f"{g}: position, variant, runs, mean final fidelity, mean fidelity forgetting (best first)")
-            for e in rank(rows, with_prior(GRIDS[g]) if args.prior else GRIDS[g]):
+            for e in rank(rows, grids[g]):
                 print(f"  {e['position']}  {e['variant']}  {e['runs']}  {e['final_fidelity']:.3f}  "
                       f"{e['fidelity_forgetting']:.3f}")
         return
@@ -300,7 +302,6 @@ def main(argv=None) -> None:
     outside = [(g, i) for g in args.grid for i in args.only or () if not 1 <= i <= len(GRIDS[g])]
     if outside:
         raise SystemExit(f"--only: no such configuration {outside}; positions run from 1 to the grid's length")
-    grids = {g: with_prior(GRIDS[g]) if args.prior else GRIDS[g] for g in args.grid}
     chosen = {g: [v for i, v in enumerate(grids[g][:args.first], start=1) if args.only is None or i in args.only]
               for g in args.grid}
     jobs = [(m, o, s, seed) for g in args.grid for m, o in chosen[g] for s in args.sequence

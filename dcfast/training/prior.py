@@ -18,11 +18,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from dcfast.io.atomic import save_safetensors_atomic
 from dcfast.io.runs import Task
-from dcfast.models.prompts import sdxl_time_ids
+from dcfast.models.prompts import Conditions, sdxl_time_ids
 from dcfast.training.monitor import process_logger, sample_images
 from dcfast.training.objectives import denoise_loss
 
@@ -47,11 +46,19 @@ class PriorImages:
         seen = {task.pretrained_concept_prompt for task in plan[:n]}
         return torch.tensor([i for i, prompt in enumerate(self.prompts) if prompt in seen], dtype=torch.long)
 
-    def loss(self, models, rows: torch.Tensor, batch_size: int, generator: torch.Generator, noise_offset: float,
-             resolution: int) -> torch.Tensor:
-        """L_denoise of `batch_size` class images drawn from `rows`, each under its own class prompt."""
+    @torch.no_grad()
+    def encode(self, models) -> Conditions:
+        """The conditions of the distinct class prompts, in first-seen order: they hold no trainable token and the text
+        encoders are frozen, so one encoding serves a whole phase instead of one per step."""
+        return models.encode(list(dict.fromkeys(self.prompts)))
+
+    def loss(self, models, conditions: Conditions, rows: torch.Tensor, batch_size: int, generator: torch.Generator,
+             noise_offset: float, resolution: int) -> torch.Tensor:
+        """L_denoise of `batch_size` class images drawn from `rows`, each under its own class prompt's condition
+        (`conditions`: `encode`'s)."""
         picked = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
-        conds = models.encode_each([self.prompts[i] for i in picked.tolist()])
+        unique = list(dict.fromkeys(self.prompts))
+        conds = conditions[torch.tensor([unique.index(self.prompts[i]) for i in picked.tolist()])]
         x0 = self.latents[picked.to(self.latents.device)]
         time_ids = None
         if models.text_encoder_2 is not None:  # SDXL: uncropped samples at the run's resolution
@@ -90,9 +97,9 @@ def prior_images(config, components, models, plan: List[Task], finished: int, re
                 tensors[f"class.{index}"] = encode(images * 2 - 1).cpu()
             save_safetensors_atomic(path, tensors, metadata={f"class.{i}": p for i, p in enumerate(prompts)})
         accelerator.wait_for_everyone()
-    stored = load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
         recorded = handle.metadata() or {}
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}
     if [recorded.get(f"class.{i}") for i in range(len(prompts))] != prompts or len(stored) != len(prompts):
         raise ValueError(f"with_prior_preservation: {str(path)!r} holds class images of {sorted(recorded.values())}, "
                          f"not of this run's class prompts {prompts}; delete it (before the first task is finished) "

@@ -381,7 +381,10 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
     losses = history.train["loss"]
 
     # e. The loop: micro-batches -> loss (+ the class images' loss) -> backward; average gradients, clip, step; checkpoint.
-    prior_rows = prior.rows_for(plan, n) if prior is not None else None
+    if prior is not None:
+        prior_rows = prior.rows_for(plan, n)
+        with accelerator.autocast():
+            prior_conditions = prior.encode(models)
     label = f"task {n}/{len(plan)}" if len(phase) == 1 else f"tasks {first}-{n} jointly"
     progress = tqdm(range(first_step, steps), initial=first_step, total=steps,
                     desc=f"{label} ({config.method})", disable=not models.shows_progress)
@@ -405,8 +408,8 @@ def _train_task(config: TrainConfig, components: Components, models: Models, met
                 loss, logs = (method.loss(x0) if data.image_prompts is None
                               else method.loss(x0, [data.image_prompts[i] for i in batch.tolist()]))
                 if prior is not None:
-                    prior_loss = prior.loss(models, prior_rows, config.train_batch_size, generators["local"],
-                                            config.noise_offset, resolution)
+                    prior_loss = prior.loss(models, prior_conditions, prior_rows, config.train_batch_size,
+                                            generators["local"], config.noise_offset, resolution)
                     loss = loss + config.prior_loss_weight * prior_loss
                     logs = {**logs, "prior": prior_loss.item()}
             value = accelerator.reduce(loss.detach().float(), reduction="mean").item()

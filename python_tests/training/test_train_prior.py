@@ -15,12 +15,12 @@ from test_train_resume import Killed, _kill_at
 
 
 class _Models:
-    """What PriorImages.loss reads of Models: the U-Net, the scheduler and one condition per prompt."""
+    """What PriorImages reads of Models: the U-Net, the scheduler and a condition per prompt."""
 
     def __init__(self, unet, conditions):
         self.unet, self.noise_scheduler, self.text_encoder_2, self.conditions = unet, tiny_scheduler(), None, conditions
 
-    def encode_each(self, prompts):
+    def encode(self, prompts):
         return torch.stack([self.conditions[p] for p in prompts])
 
 
@@ -31,7 +31,8 @@ def test_prior_loss_is_the_denoising_loss_of_drawn_class_images_under_their_own_
     images = PriorImages(torch.randn(6, 4, 8, 8), ["a photo of a dog"] * 3 + ["a photo of a mug"] * 3)
     rows = torch.tensor([0, 1, 2, 3, 4, 5])
     with torch.no_grad():
-        got = images.loss(_Models(unet, conditions), rows, 4, torch.Generator().manual_seed(3), 0.0, 16)
+        models = _Models(unet, conditions)
+        got = images.loss(models, images.encode(models), rows, 4, torch.Generator().manual_seed(3), 0.0, 16)
         generator = torch.Generator().manual_seed(3)  # the same draws, in the same order, written out
         picked = rows[torch.randint(6, (4,), generator=generator)]
         t = torch.randint(0, 1000, (4,), generator=generator)
