@@ -3,7 +3,7 @@
     python scripts/tune_methods.py --grid lambda [--sequence known-same-class-val] [--seeds 0] [--workers 2]
     python scripts/tune_methods.py --preset equal      # the methods issue's equal tuning on the novel world
     python scripts/tune_methods.py --rank ROWS.jsonl --grid equal-ewc [--sequence ...] [--seeds ...]  # the rule's order
-    python scripts/tune_methods.py --grid equal-ewc --prior ...   # with prior preservation (run or --rank)
+    python scripts/tune_methods.py --grid equal-ewc --no-prior ...   # without prior preservation (run or --rank)
 
 Issue 11's protocol: every hyperparameter (lambda, delta, tau, push variant, alpha, beta, M, k, T, C-LoRA's
 lambda) is chosen here, on validation sequences, and `dcfast bench methods --seeds 3` then reports the
@@ -163,12 +163,14 @@ GRIDS["novel-prior-joint"] = [("joint", {"with_prior_preservation": True})]
 PRESETS = {"equal": (list(EQUAL_GRIDS), ["novel-same-class-val", "novel-distinct-class-val"], [0, 1])}
 
 
-def with_prior(grid: List[Variant]) -> List[Variant]:
-    """The grid with prior preservation added to every configuration of a method that trains the U-Net (the regime
-    the novel-prior rule chose, run before WORLD_TRAIN takes it; ti is left as it is)."""
+def with_prior(grid: List[Variant], on: bool = True) -> List[Variant]:
+    """The grid with prior preservation named, on or off, in every configuration of a method that trains the U-Net
+    (ti has nothing to preserve). The world regime took it on 2026-12-08 (WORLD_TRAIN), after rows of every grid had
+    run without it under names that do not mention it: naming it tells the two regimes' rows apart, and a grid's rows
+    are skipped as done only where the setting matches."""
     from dcfast.training.methods import get_method
 
-    return [(m, {**o, "with_prior_preservation": True} if get_method(m).trains_lora else o) for m, o in grid]
+    return [(m, {**o, "with_prior_preservation": on} if get_method(m).trains_lora else o) for m, o in grid]
 
 
 def variant_name(method: str, overrides: Dict[str, object]) -> str:
@@ -266,8 +268,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fidelity_images", type=int, default=32, help="samples per (concept, state) the oracle judges")
     parser.add_argument("--workdir", default="runs/tune", help="runs and rows.jsonl go here")
     parser.add_argument("--output", default=None, help="markdown table of every row (default: <workdir>/tuning.md)")
-    parser.add_argument("--prior", action="store_true",
-                        help="every configuration of a method that trains the U-Net with with_prior_preservation")
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
+                        help="prior preservation in every configuration of a method that trains the U-Net, named in its "
+                             "variant (the world regime's; --no-prior: off, as every row before 2026-12-08 ran)")
     parser.add_argument("--rank", metavar="ROWS", default=None,
                         help="run nothing: order each --grid's configurations by the rule over the rows of this "
                              "rows.jsonl on --sequence and --seeds")
@@ -282,7 +285,7 @@ def main(argv=None) -> None:
     not_val = [s for s in args.sequence if not s.endswith("-val")]
     if not_val:
         raise SystemExit(f"--sequence: {not_val} are not validation sequences; tune on *-val only")
-    grids = {g: with_prior(GRIDS[g]) if args.prior else GRIDS[g] for g in args.grid}
+    grids = {g: with_prior(GRIDS[g], args.prior) for g in args.grid}
     if args.rank:
         if not Path(args.rank).is_file():
             raise SystemExit(f"--rank: no rows file {args.rank}; give a rows.jsonl that tune_methods.py wrote")

@@ -81,8 +81,10 @@ VARIANTS = {
                                                          "lr_scheduler": "cosine"},
 }
 # Every variant before round 6's cosine ran at a constant rate, WORLD_TRAIN's then: each names its schedule, so that its
-# row is reproduced now that WORLD_TRAIN decays the rate.
-VARIANTS = {name: {"lr_scheduler": "constant", **values} for name, values in VARIANTS.items()}
+# row is reproduced now that WORLD_TRAIN decays the rate. Every variant ran without prior preservation, which
+# WORLD_TRAIN took later (2026-12-08), and names that too.
+VARIANTS = {name: {"lr_scheduler": "constant", **values, "with_prior_preservation": False}
+            for name, values in VARIANTS.items()}
 
 
 def guidance_rows(run_dir: Path, guidances: List[float]) -> List[Dict[str, object]]:

@@ -105,6 +105,8 @@ def train_config(config: DemoConfig, method: str, tasks: List[Dict[str, str]], r
     from dcfast.training.config import TrainConfig
 
     values = train_values(method, config.photos, config.train_overrides, config.max_train_steps)
+    # the demo's DDIM steps for every sample it draws: evaluation's, and a run's class images and validation grids
+    values.setdefault("validation_inference_steps", config.num_inference_steps)
     values.update(pretrained_model_name_or_path=str(check_base_model(config.base_model)), output_dir=run_dir,
                   method=method, tasks=tasks, seed=config.seed)
     return TrainConfig.from_dict(values, ignore_other_methods=True)

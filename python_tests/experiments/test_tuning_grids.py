@@ -73,9 +73,22 @@ def test_rank_orders_by_mean_final_then_forgetting_within_one_sample_then_grid_o
     assert ranked[1]["fidelity_forgetting"] == pytest.approx(0.20, abs=1e-6)
 
 
-def test_with_prior_adds_prior_preservation_to_every_method_that_trains_the_unet():
+def test_with_prior_names_prior_preservation_in_every_method_that_trains_the_unet():
     tune = _script()
     grid = [("lora", {}), ("ti", {"token_learning_rate": 1e-3}), ("ewc-dc", {"ewc_lambda": 0.1})]
     assert tune.with_prior(grid) == [("lora", {"with_prior_preservation": True}), ("ti", {"token_learning_rate": 1e-3}),
                                      ("ewc-dc", {"ewc_lambda": 0.1, "with_prior_preservation": True})]
+    off = tune.with_prior(grid, on=False)
+    assert off[0] == ("lora", {"with_prior_preservation": False}) and off[1] == grid[1]
+    # a row of the regime before the prior (its name without the setting) is never taken for a row with it
+    assert tune.variant_name(*grid[0]) not in {tune.variant_name(m, o) for m, o in tune.with_prior(grid) + off}
     assert grid[0] == ("lora", {})  # the grid itself is left as it is
+
+
+def test_the_world_regime_preserves_the_prior_for_every_method_that_trains_the_unet_and_not_for_ti():
+    from dcfast.training.methods import get_method
+
+    for method in METHODS:
+        config = TrainConfig.from_dict({**train_values(method, False, {}), "method": method}, ignore_other_methods=True)
+        assert config.with_prior_preservation == get_method(method).trains_lora, method
+    assert not train_values("lora", True, {}).get("with_prior_preservation", False)  # the photo demo keeps it off
