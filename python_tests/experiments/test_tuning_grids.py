@@ -26,15 +26,20 @@ def test_equal_grids_give_every_method_the_same_budget_of_valid_configurations()
     for name, grid in grids.items():
         assert 1 <= len(grid) <= tune.EQUAL_BUDGET, name
         assert len({tune.variant_name(m, o) for m, o in grid}) == len(grid), f"{name} repeats a configuration"
-        for method, overrides in grid:
-            config = TrainConfig.from_dict({**train_values(method, False, overrides), "method": method},
-                                           ignore_other_methods=True)
-            flat = config.flat()
-            assert all(flat[key] == value for key, value in overrides.items()), (name, overrides)
     default = TrainConfig.from_dict({**train_values("ewc-dc", False, {}), "method": "ewc-dc"}, ignore_other_methods=True)
     assert grids["equal-ewc-dc"][0][1] == {"ewc_lambda": default.flat()["ewc_lambda"],
                                            "fisher_normalize": default.flat()["fisher_normalize"]}
     assert tune.PRESETS["equal"][1] == ["novel-same-class-val", "novel-distinct-class-val"]
+
+
+def test_every_grid_configuration_is_a_valid_run_that_holds_its_settings():
+    tune = _script()
+    for name, grid in tune.GRIDS.items():
+        for method, overrides in tune.with_prior(grid):
+            config = TrainConfig.from_dict({**train_values(method, False, overrides), "method": method},
+                                           ignore_other_methods=True)
+            flat = config.flat()
+            assert all(flat[key] == value for key, value in overrides.items()), (name, overrides)
 
 
 def test_a_row_records_what_moved_in_every_task_in_task_order(tmp_path):
