@@ -37,9 +37,10 @@ WORLD_TRAIN = {
     # DreamBooth's prior preservation (the base model's class images learned beside each task's photos): without it
     # every LoRA stopped following the text from task 1 ("a red triangle" drew the newest concept; base fidelity 0,
     # final overwrite 0.90 for sequential LoRA). On novel-same-class-val seed 0 it took overwrite to 0 at mean F[i, i]
-    # 0.93, raised EWC / EWC-DC / DSC's final fidelity by 0.16-0.26, and joint kept its bar (0.875): the novel-prior
-    # rule, fixed before the rows, adopts it (benchmarks/methods_tuning.md, "Why the LoRA overwrites"). ti trains no
-    # U-Net, so it has nothing to preserve and refuses the setting (WORLD_METHOD_TRAIN).
+    # 0.93, raised EWC / EWC-DC / DSC's final fidelity by 0.11-0.23 (five pairs), and joint kept its bar (0.875):
+    # the novel-prior rule, fixed before the rows, adopts it (benchmarks/methods_tuning.md, "Why the LoRA
+    # overwrites"). ti trains no U-Net, so it has nothing to preserve and refuses the setting (WORLD_METHOD_TRAIN).
+    # On the test sequence joint then missed its bar (0.724, benchmarks/world/yardstick-prior.md).
     "with_prior_preservation": True,
 }
 
