@@ -41,6 +41,12 @@ class PriorImages:
     latents: torch.Tensor
     prompts: List[str]
 
+    def __post_init__(self) -> None:
+        # the distinct class prompts in first-seen order, and each image's index among them: derived once, so a
+        # training step picks its conditions by indexing
+        self.distinct = list(dict.fromkeys(self.prompts))
+        self.prompt_index = torch.tensor([self.distinct.index(p) for p in self.prompts], dtype=torch.long)
+
     def rows_for(self, plan: List[Task], n: int) -> torch.Tensor:
         """Indices of the class images of tasks 1..n."""
         seen = {task.pretrained_concept_prompt for task in plan[:n]}
@@ -50,15 +56,14 @@ class PriorImages:
     def encode(self, models) -> Conditions:
         """The conditions of the distinct class prompts, in first-seen order: they hold no trainable token and the text
         encoders are frozen, so one encoding serves a whole phase instead of one per step."""
-        return models.encode(list(dict.fromkeys(self.prompts)))
+        return models.encode(self.distinct)
 
     def loss(self, models, conditions: Conditions, rows: torch.Tensor, batch_size: int, generator: torch.Generator,
              noise_offset: float, resolution: int) -> torch.Tensor:
         """L_denoise of `batch_size` class images drawn from `rows`, each under its own class prompt's condition
         (`conditions`: `encode`'s)."""
         picked = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
-        unique = list(dict.fromkeys(self.prompts))
-        conds = conditions[torch.tensor([unique.index(self.prompts[i]) for i in picked.tolist()])]
+        conds = conditions[self.prompt_index[picked]]
         x0 = self.latents[picked.to(self.latents.device)]
         time_ids = None
         if models.text_encoder_2 is not None:  # SDXL: uncropped samples at the run's resolution
